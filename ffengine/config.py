@@ -1,0 +1,106 @@
+"""Settings from environment variables (and a ``.env`` file), validated at start.
+
+One place reads the environment so that every entry point (CLI, bot, trainer)
+agrees on names and defaults. Command-line flags override what is read here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from ffengine.errors import ConfigError
+
+DEFAULT_WEIGHTS = "IMAGENET1K_V2"
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+
+
+def load_dotenv_file(path: str | os.PathLike[str] = ".env") -> None:
+    """Load ``path`` into ``os.environ`` without overriding variables already set."""
+    from dotenv import load_dotenv
+
+    if Path(path).is_file():
+        load_dotenv(path, override=False)
+
+
+def env_str(env: Mapping[str, str], name: str, default: str | None = None) -> str | None:
+    """Return the stripped value of ``name``; blank counts as unset."""
+    value = env.get(name, "")
+    value = value.strip()
+    return value if value else default
+
+
+def env_int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -> int:
+    raw = env_str(env, name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def check_device(device: str, setting: str = "FFENGINE_DEVICE") -> str:
+    """Accept ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
+    base = device.split(":", 1)[0]
+    if base not in DEVICE_CHOICES or (":" in device and base != "cuda"):
+        raise ConfigError(f"{setting} must be one of auto, cpu, cuda, cuda:N, mps; got {device!r}")
+    if ":" in device and not device.split(":", 1)[1].isdigit():
+        raise ConfigError(f"{setting} must look like cuda:0, got {device!r}")
+    return device
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """What the engine needs: which weights, where the index lives, which device.
+
+    ``data_dir`` holds everything the app writes (database, indexes, model versions,
+    embedding cache); ``catalog`` is the store catalogue the index is built from.
+    """
+
+    weights: str = DEFAULT_WEIGHTS
+    index_dir: Path = Path("data/index")
+    device: str = "auto"
+    data_dir: Path = Path("data")
+    catalog: Path | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> EngineSettings:
+        env = os.environ if env is None else env
+        data_dir = Path(env_str(env, "FFENGINE_DATA_DIR", "data"))  # type: ignore[arg-type]
+        index = env_str(env, "FFENGINE_INDEX")
+        catalog = env_str(env, "FFENGINE_CATALOG")
+        return cls(
+            weights=env_str(env, "FFENGINE_WEIGHTS", DEFAULT_WEIGHTS),  # type: ignore[arg-type]
+            index_dir=Path(index) if index else data_dir / "index",
+            device=check_device(env_str(env, "FFENGINE_DEVICE", "auto")),  # type: ignore[arg-type]
+            data_dir=data_dir,
+            catalog=Path(catalog) if catalog else None,
+        )
+
+    @property
+    def cache_dir(self) -> Path:
+        """Embedding cache (by image content hash and model fingerprint)."""
+        return self.data_dir / "cache"
+
+    @property
+    def models_dir(self) -> Path:
+        """Model versions produced by ``train/`` (weights + sidecar + index each)."""
+        return self.data_dir / "models"
+
+
+def database_url(env: Mapping[str, str] | None = None) -> str:
+    """``DATABASE_URL``, or an SQLite file in the data directory."""
+    env = os.environ if env is None else env
+    url = env_str(env, "DATABASE_URL")
+    if url:
+        if "://" not in url:
+            raise ConfigError(f"DATABASE_URL must be an SQLAlchemy URL such as sqlite+aiosqlite:///data/ff.db, got {url!r}")
+        return url
+    data_dir = Path(env_str(env, "FFENGINE_DATA_DIR", "data"))  # type: ignore[arg-type]
+    return f"sqlite+aiosqlite:///{data_dir / 'focusedfashion.db'}"

@@ -1,0 +1,116 @@
+"""Decode untrusted image bytes into a clean RGB picture, or say why not.
+
+Shoppers send anything: screenshots with alpha, CMYK JPEGs, rotated phone photos,
+GIFs, truncated uploads, decompression bombs. Everything funnels through
+:func:`load_image` so that the rest of the engine only ever sees RGB ``PIL.Image``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ffengine.errors import ImageRejected
+
+#: Largest encoded file accepted (bytes). Telegram's own download limit is 20 MB.
+MAX_BYTES = 20 * 1024 * 1024
+#: Largest decoded picture accepted (pixels): a 50 MP photo is fine, a 1 GP bomb is not.
+MAX_PIXELS = 50_000_000
+#: Decode JPEGs at reduced size when they are much bigger than this (long side, pixels).
+DRAFT_SIDE = 512
+
+ImageSource = bytes | bytearray | memoryview | str | os.PathLike[str]
+
+
+def _read(source: ImageSource, max_bytes: int) -> bytes:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+    else:
+        path = Path(source)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise ImageRejected(f"File not found: {path}", "not_found") from None
+        except OSError as exc:
+            raise ImageRejected(f"Cannot read {path}: {exc.strerror}", "unreadable") from None
+        if size > max_bytes:
+            raise ImageRejected(_too_large(size, max_bytes), "too_large")
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ImageRejected(f"Cannot read {path}: {exc.strerror}", "unreadable") from None
+    if not data:
+        raise ImageRejected("The file is empty.", "empty")
+    if len(data) > max_bytes:
+        raise ImageRejected(_too_large(len(data), max_bytes), "too_large")
+    return data
+
+
+def _too_large(size: int, limit: int) -> str:
+    return f"The image is too large ({size / 1e6:.1f} MB); the limit is {limit / 1e6:.0f} MB."
+
+
+def load_image(
+    source: ImageSource,
+    *,
+    max_bytes: int = MAX_BYTES,
+    max_pixels: int = MAX_PIXELS,
+    draft_side: int | None = DRAFT_SIDE,
+) -> Image.Image:
+    """Decode ``source`` (bytes or a path) into an RGB image.
+
+    Honours EXIF orientation, takes the first frame of animations and flattens
+    transparency onto white (catalogue photos have white backgrounds).
+    ``draft_side`` lets the JPEG decoder downscale by 2/4/8 while decoding, which
+    is several times faster for phone photos and loses nothing at 224 px input.
+
+    Raises :class:`ImageRejected` with a user-readable message on bad input.
+    """
+    data = _read(source, max_bytes)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width <= 0 or height <= 0:
+                raise ImageRejected("The image has no pixels.", "empty")
+            if width * height > max_pixels:
+                raise ImageRejected(
+                    f"The image is too big ({width}x{height} pixels); the limit is {max_pixels / 1e6:.0f} megapixels.",
+                    "too_many_pixels",
+                )
+            if draft_side and img.format == "JPEG":
+                img.draft("RGB", (draft_side, draft_side))
+            img.seek(0)
+            img.load()
+            img = ImageOps.exif_transpose(img) or img
+            return _to_rgb(img)
+    except ImageRejected:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageRejected("The image is too big to open safely.", "too_many_pixels") from None
+    except UnidentifiedImageError:
+        raise ImageRejected("This file is not an image I can read (try a JPEG or PNG photo).", "not_image") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        kind = "truncated" if "truncated" in str(exc).lower() or isinstance(exc, EOFError) else "corrupt"
+        raise ImageRejected("The image is damaged or incomplete; please send it again.", kind) from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any mode to RGB; transparent pixels become white."""
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    if img.mode == "I;16" or img.mode == "I":
+        img = img.point(lambda v: v / 256).convert("L")
+    return img.convert("RGB")
