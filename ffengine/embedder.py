@@ -1,96 +1,158 @@
 """MobileNetV2 as a feature extractor: picture -> 1280-d float32 vector.
 
-``features`` -> global average pool, exactly the study's extractor. Batched,
-under ``torch.inference_mode``; CUDA when available unless told otherwise.
+``features`` -> global average pool, exactly the study's extractor. The device is CUDA
+when available (eager PyTorch, batched), CPU otherwise, or what ``FFENGINE_DEVICE`` says.
+On CPU the network runs in ONNX Runtime (``runtime="auto"``), about 3x faster than eager
+PyTorch for single photos; PyTorch remains the fallback and the reference, and both give
+the same features (cosine > 0.9999), so one index serves either.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.models import mobilenet_v2
 
+from ffengine import runtime_onnx
 from ffengine.config import DEFAULT_WEIGHTS, check_device
+from ffengine.errors import ConfigError
+from ffengine.images import square_crop
+from ffengine.runtime_torch import FeatureNet, TorchRunner, build_features
 from ffengine.weights import Preprocess, ResolvedWeights, resolve_weights
 
+log = logging.getLogger(__name__)
+
 FEATURE_DIM = 1280
+RUNTIMES = ("auto", "torch", "onnx")
 
 
 def pick_device(device: str = "auto") -> torch.device:
-    """``auto`` -> CUDA if available, else CPU; anything else as given (validated)."""
+    """``auto`` -> CUDA if available, else CPU; anything else as given, if this machine has it."""
     check_device(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def to_input_array(img: Image.Image, prep: Preprocess) -> np.ndarray:
-    """Resize the shorter side to ``prep.resize``, centre-crop ``input_size``; HWC uint8."""
-    w, h = img.size
-    scale = prep.resize / min(w, h)
-    new = (max(prep.input_size, round(w * scale)), max(prep.input_size, round(h * scale)))
-    img = img.resize(new, Image.Resampling.BILINEAR, reducing_gap=3.0)
-    left = (new[0] - prep.input_size) // 2
-    top = (new[1] - prep.input_size) // 2
-    img = img.crop((left, top, left + prep.input_size, top + prep.input_size))
-    return np.asarray(img.convert("RGB"), dtype=np.uint8)
-
-
-def build_feature_model(state_dict: dict[str, torch.Tensor] | None) -> torch.nn.Module:
-    """``mobilenet_v2().features`` with the given tensors (random init when ``None``)."""
-    features = mobilenet_v2(weights=None).features
-    if state_dict is not None:
-        stripped = {k.removeprefix("features."): v for k, v in state_dict.items()}
-        features.load_state_dict(stripped, strict=True)
-    return features.eval()
+    chosen = torch.device(device)
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"FFENGINE_DEVICE={device} but no CUDA GPU is usable here (torch.cuda.is_available() is False); use auto or cpu")
+        if chosen.index is not None and chosen.index >= torch.cuda.device_count():
+            raise ConfigError(f"FFENGINE_DEVICE={device} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if chosen.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"FFENGINE_DEVICE={device} but Apple MPS is not available here; use auto or cpu")
+    return chosen
 
 
 class Embedder:
     """Turn RGB pictures into ``(n, 1280)`` C-contiguous float32 features.
 
-    Thread-safe: one lock serialises forward passes so that a worker pool can share it.
+    ``runtime``: ``auto`` (ONNX Runtime on CPU when installed, PyTorch otherwise and on
+    GPUs), ``torch`` or ``onnx`` (CPU only). If ONNX Runtime cannot be used, PyTorch takes
+    over with a logged warning; ``.runtime`` says which one runs. ``cache_dir`` holds the
+    exported ONNX file (default ``~/.cache/focusedfashion/onnx``; random-init models are
+    never written to disk).
+
+    Thread-safe: ``prepare`` runs in the caller's thread; one lock serialises the forward
+    passes, which run in native code with the GIL released.
     """
 
     dim = FEATURE_DIM
 
-    def __init__(self, resolved: ResolvedWeights | None, device: str = "auto", *, preprocess: Preprocess | None = None) -> None:
+    def __init__(
+        self,
+        resolved: ResolvedWeights | None,
+        device: str = "auto",
+        *,
+        preprocess: Preprocess | None = None,
+        runtime: str = "auto",
+        cache_dir: Path | None = None,
+    ) -> None:
+        if runtime not in RUNTIMES:
+            raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}; got {runtime!r}")
         self.device = pick_device(device)
+        if runtime == "onnx" and self.device.type != "cpu":
+            raise ConfigError(f"runtime 'onnx' runs on CPU only; device is {self.device}")
         self.preprocess = resolved.preprocess if resolved else (preprocess or Preprocess())
         self.fingerprint = resolved.fingerprint if resolved else "random-init"
         self.source = resolved.source if resolved else "random-init"
-        self.model = build_feature_model(resolved.state_dict if resolved else None).to(self.device)
-        if self.device.type == "cpu":
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self._mean = torch.tensor(self.preprocess.mean, device=self.device).view(1, 3, 1, 1) * 255.0
-        self._std = torch.tensor(self.preprocess.std, device=self.device).view(1, 3, 1, 1) * 255.0
+        features = build_features(resolved.state_dict if resolved else None)
+        self._net = FeatureNet(features, self.preprocess).to(self.device)
         self._lock = threading.Lock()
+        self._cache_dir = (cache_dir or runtime_onnx.default_cache_dir()) if resolved else None
+        self._torch = TorchRunner(self._net, self.device)
+        self._runner: TorchRunner | runtime_onnx.OnnxRunner = self._torch
+        self._watch: list[torch.Tensor] | None = None  # set once .model is handed out
+        self._exported_version = 0
+        use_onnx = runtime == "onnx" or (runtime == "auto" and self.device.type == "cpu" and runtime_onnx.available())
+        if use_onnx:
+            self._use_onnx()
 
     @classmethod
-    def load(cls, weights: str = DEFAULT_WEIGHTS, device: str = "auto") -> Embedder:
+    def load(cls, weights: str = DEFAULT_WEIGHTS, device: str = "auto", *, runtime: str = "auto", cache_dir: Path | None = None) -> Embedder:
         """Resolve ``weights`` (torchvision name or file) and build the extractor."""
-        return cls(resolve_weights(weights), device)
+        return cls(resolve_weights(weights), device, runtime=runtime, cache_dir=cache_dir)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The torch ``features`` module (for fine-tuning). Changes to its tensors are
+        picked up: the ONNX model is re-exported before the next forward pass."""
+        if self._watch is None and isinstance(self._runner, runtime_onnx.OnnxRunner):
+            self._watch = [*self._net.parameters(), *self._net.buffers()]
+            self._exported_version = self._tensor_version()
+        return self._net.features
+
+    @property
+    def runtime(self) -> str:
+        """``onnx`` or ``torch``: what actually computes the features."""
+        return self._runner.name
 
     def prepare(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """Pictures -> ``(n, H, W, 3)`` uint8 network input (no model work; any thread)."""
-        return np.stack([to_input_array(img, self.preprocess) for img in images])
+        """Pictures -> ``(n, S, S, 3)`` uint8 network input (no model work; any thread)."""
+        size = self.preprocess.input_size
+        out = np.empty((len(images), size, size, 3), dtype=np.uint8)
+        for i, img in enumerate(images):
+            out[i] = square_crop(img, self.preprocess.resize, size)
+        return out
 
     def embed_arrays(self, batch: np.ndarray) -> np.ndarray:
-        """``(n, H, W, 3)`` uint8 -> ``(n, 1280)`` float32 features."""
-        if batch.ndim != 4 or batch.shape[-1] != 3:
-            raise ValueError(f"expected (n, H, W, 3) uint8, got shape {batch.shape}")
-        with self._lock, torch.inference_mode():
-            x = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2).float()
-            x = ((x - self._mean) / self._std).contiguous(memory_format=torch.channels_last)
-            feats = self.model(x).mean(dim=(2, 3))
-            return np.ascontiguousarray(feats.float().cpu().numpy(), dtype=np.float32)
+        """``(n, S, S, 3)`` uint8 (from :meth:`prepare`) -> ``(n, 1280)`` C-contiguous float32."""
+        size = self.preprocess.input_size
+        if batch.ndim != 4 or batch.shape[1:] != (size, size, 3) or batch.dtype != np.uint8:
+            raise ValueError(f"expected an (n, {size}, {size}, 3) uint8 batch from prepare(), got {batch.dtype} {batch.shape}")
+        if len(batch) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        batch = np.ascontiguousarray(batch)
+        with self._lock:
+            if self._watch is not None and self._tensor_version() != self._exported_version:
+                self._use_onnx()  # the weights were trained in place since the export
+            feats = self._runner(batch)
+        return np.ascontiguousarray(feats, dtype=np.float32)
 
     def embed(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
         """RGB pictures -> ``(n, 1280)`` C-contiguous float32 features, in input order."""
         if not images:
             return np.zeros((0, self.dim), dtype=np.float32)
-        out = [self.embed_arrays(self.prepare(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
-        return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
+        parts = [self.embed_arrays(self.prepare(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
+        return parts[0] if len(parts) == 1 else np.ascontiguousarray(np.concatenate(parts))
+
+    def _tensor_version(self) -> int:
+        # Every in-place change (optimizer step, load_state_dict, copy_) bumps a tensor's version.
+        assert self._watch is not None
+        return sum(t._version for t in self._watch)
+
+    def _use_onnx(self) -> None:
+        """(Re)build the ONNX Runtime session from the current weights, or fall back to PyTorch."""
+        trained = self._watch is not None and self._tensor_version() != self._exported_version
+        cache_dir = None if trained else self._cache_dir  # fine-tuned in memory: not worth a file
+        try:
+            self._runner = runtime_onnx.build_runner(self._net, self.preprocess.input_size, cache_dir, self.fingerprint)
+        except runtime_onnx.OnnxUnavailable as exc:
+            log.warning("ONNX Runtime not used, computing features with PyTorch on CPU instead: %s", exc)
+            self._runner = self._torch
+            self._watch = None
+        if self._watch is not None:
+            self._exported_version = self._tensor_version()

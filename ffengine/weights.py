@@ -16,8 +16,11 @@ fine-tuned file with any head size loads. Files are read with
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import io
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -49,7 +52,8 @@ class Preprocess:
             resize = int(data.get("resize", round(size * 256 / 224)))  # type: ignore[arg-type]
         except (KeyError, TypeError, ValueError) as exc:
             raise WeightsError(f"{where}: sidecar needs numeric 'mean', 'std' (3 values each) and 'input_size' ({exc})") from None
-        if len(mean) != 3 or len(std) != 3 or min(std) <= 0 or not 32 <= size <= resize <= 2048:
+        finite = all(math.isfinite(v) for v in (*mean, *std))
+        if len(mean) != 3 or len(std) != 3 or not finite or min(std) <= 0 or not 32 <= size <= resize <= 2048:
             raise WeightsError(f"{where}: sidecar preprocessing is out of range: {data}")
         return cls(input_size=size, resize=resize, mean=mean, std=std)  # type: ignore[arg-type]
 
@@ -75,28 +79,50 @@ def fingerprint(weights_digest: str, preprocess: Preprocess) -> str:
     return f"{weights_digest[:16]}-{prep}"
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def looks_like_path(spec: str) -> bool:
     return any(ch in spec for ch in "/\\") or spec.endswith((".pth", ".pt", ".bin")) or Path(spec).exists()
 
 
-def feature_tensors(state_dict: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
-    """Keep ``features.*`` (the part we embed with); refuse anything else."""
+def feature_tensors(state_dict: object, where: str) -> dict[str, torch.Tensor]:
+    """Keep ``features.*`` (the part we embed with) and check them against MobileNetV2.
+
+    Names, shapes and finiteness are checked here, so a wrong file fails at start with a
+    message naming the setting instead of deep inside ``load_state_dict`` or as NaN features.
+    """
+    if isinstance(state_dict, dict) and isinstance(state_dict.get("state_dict"), dict):
+        state_dict = state_dict["state_dict"]  # common checkpoint wrapper
     if not isinstance(state_dict, dict):
         raise WeightsError(f"{where}: expected a state_dict (a dict of tensors), got {type(state_dict).__name__}")
-    if "state_dict" in state_dict and isinstance(state_dict["state_dict"], dict):
-        state_dict = state_dict["state_dict"]  # common checkpoint wrapper
-    feats = {k: v for k, v in state_dict.items() if k.startswith("features.") and isinstance(v, torch.Tensor)}
+    feats = {k: v for k, v in state_dict.items() if isinstance(k, str) and k.startswith("features.") and isinstance(v, torch.Tensor)}
     if not feats:
         raise WeightsError(f"{where}: no MobileNetV2 'features.*' tensors in this file; is it a torchvision mobilenet_v2 state_dict?")
+    expected = expected_shapes()
+    # BatchNorm fills in a missing ``num_batches_tracked`` itself (older checkpoints lack it).
+    missing = sorted((k for k in set(expected) - set(feats) if not k.endswith("num_batches_tracked")), key=_natural)
+    unexpected = sorted(set(feats) - set(expected), key=_natural)
+    wrong = [f"{k} {tuple(feats[k].shape)} (want {expected[k]})" for k in expected if k in feats and tuple(feats[k].shape) != expected[k]]
+    if missing or unexpected or wrong:
+        parts = [f"{label}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}" for label, items in
+                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if items]
+        raise WeightsError(f"{where}: these tensors do not fit MobileNetV2 (width 1.0) features; {'; '.join(parts)}")
+    bad = [k for k, v in feats.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise WeightsError(f"{where}: tensors contain NaN or infinity ({', '.join(bad[:3])}); the file is damaged or training diverged")
     return feats
+
+
+@functools.cache
+def expected_shapes() -> dict[str, tuple[int, ...]]:
+    """``features.*`` names and shapes of torchvision's MobileNetV2 (built on the meta device: no memory, no init)."""
+    from torchvision.models import mobilenet_v2
+
+    with torch.device("meta"):
+        model = mobilenet_v2(weights=None)
+    return {f"features.{k}": tuple(v.shape) for k, v in model.features.state_dict().items()}
+
+
+def _natural(name: str) -> list[object]:
+    return [int(part) if part.isdigit() else part for part in name.split(".")]
 
 
 def load_file(path: Path) -> ResolvedWeights:
@@ -117,10 +143,18 @@ def load_file(path: Path) -> ResolvedWeights:
         raise WeightsError(f"{where}: sidecar says arch={arch!r}; only mobilenet_v2 is supported")
     preprocess = Preprocess.from_json(meta, where)
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        data = path.read_bytes()  # read once: the hash and the tensors come from the same bytes
+    except OSError as exc:
+        raise WeightsError(f"{where}: cannot read the file ({exc.strerror})") from None
+    digest = hashlib.sha256(data).hexdigest()
+    recorded = meta.get("sha256")
+    if isinstance(recorded, str) and recorded.lower() != digest:
+        raise WeightsError(f"{where}: the file does not match the sha256 in {side.name}; it was changed or copied incompletely")
+    try:
+        raw = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many kinds for bad files
         raise WeightsError(f"{where}: cannot load weights ({type(exc).__name__}: {str(exc)[:200]})") from None
-    return ResolvedWeights(str(path), feature_tensors(raw, where), preprocess, fingerprint(file_sha256(path), preprocess))
+    return ResolvedWeights(str(path), feature_tensors(raw, where), preprocess, fingerprint(digest, preprocess))
 
 
 def load_torchvision(name: str) -> ResolvedWeights:
@@ -144,7 +178,7 @@ def load_torchvision(name: str) -> ResolvedWeights:
         input_size=int(tf.crop_size[0]), resize=int(tf.resize_size[0]), mean=tuple(tf.mean), std=tuple(tf.std)  # type: ignore[arg-type]
     )
     digest = hashlib.sha256(weights.url.encode()).hexdigest()
-    return ResolvedWeights(weights.url, feature_tensors(state, name), preprocess, fingerprint(digest, preprocess))
+    return ResolvedWeights(weights.url, feature_tensors(state, f"{SETTING}={name}"), preprocess, fingerprint(digest, preprocess))
 
 
 def resolve_weights(spec: str) -> ResolvedWeights:
@@ -158,13 +192,22 @@ def resolve_weights(spec: str) -> ResolvedWeights:
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: Path, preprocess: Preprocess, **meta: object) -> Path:
-    """Write a weights file and its sidecar (the format :func:`load_file` reads)."""
+    """Write a weights file and its sidecar (the format :func:`load_file` reads), each atomically.
+
+    The sidecar records the file's sha256; :func:`load_file` refuses a file that does not match.
+    ``meta`` (e.g. ``base=``, ``epochs=``) is stored too but cannot override the preprocessing.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".pth.tmp")
-    torch.save(state_dict, tmp)
-    tmp.replace(path)
-    sidecar = {"arch": "mobilenet_v2", **preprocess.to_json(), **meta, "sha256": file_sha256(path)}
-    side_tmp = sidecar_path(path).with_suffix(".json.tmp")
-    side_tmp.write_text(json.dumps(sidecar, indent=2))
-    side_tmp.replace(sidecar_path(path))
+    buf = io.BytesIO()
+    torch.save(state_dict, buf)
+    data = buf.getvalue()
+    sidecar = {**meta, "arch": "mobilenet_v2", **preprocess.to_json(), "sha256": hashlib.sha256(data).hexdigest()}
+    _write_atomic(path, data)
+    _write_atomic(sidecar_path(path), json.dumps(sidecar, indent=2).encode())
     return path
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)

@@ -1,0 +1,111 @@
+"""``build_application(settings)``: the python-telegram-bot Application, wired like PTB's examples.
+
+Start-up (``post_init``) opens the database, prepares what a first run lacks, loads the
+active model, starts the search batcher and publishes the command menus; shutdown
+(``post_shutdown``, after PTB has waited for in-flight handlers) drains the batcher and
+closes the database, so nothing is left half-written.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from telegram import BotCommand, BotCommandScopeChat, BotCommandScopeDefault
+from telegram.error import TelegramError
+from telegram.ext import AIORateLimiter, Application, ApplicationBuilder, ContextTypes
+
+from bot import texts
+from bot.batcher import SearchBatcher
+from bot.bootstrap import prepare
+from bot.config import BotSettings
+from bot.context import SERVICES, SETTINGS, BotServices, FFContext, Throttle
+from bot.handlers import admin, errors, help, privacy, rating, search
+from bot.models import ModelLoader, ModelSwitch
+from bot.retrain import Retrainer
+from ffengine.db import Database
+
+log = logging.getLogger(__name__)
+
+
+def build_application(settings: BotSettings) -> Application:
+    """The bot, not yet running (see :mod:`bot.runner`); nothing touches the network or disk here."""
+    app = (
+        ApplicationBuilder()
+        .token(settings.token)
+        .base_url(settings.api_base_url)
+        .base_file_url(settings.file_base_url)
+        .context_types(ContextTypes(context=FFContext))
+        .concurrent_updates(settings.concurrent_updates)
+        .rate_limiter(AIORateLimiter(overall_max_rate=settings.rate_limit, max_retries=settings.max_retries))
+        .post_init(on_startup)
+        .post_stop(on_stop)
+        .post_shutdown(on_shutdown)
+        .build()
+    )
+    app.bot_data[SETTINGS] = settings
+    app.add_handlers(admin.handlers(settings.admin_ids))
+    app.add_handlers([*help.handlers(), *privacy.handlers(), *search.handlers(), *rating.handlers(), help.fallback()])
+    app.add_error_handler(errors.on_error)
+    return app
+
+
+async def on_startup(app: Application) -> None:
+    settings: BotSettings = app.bot_data[SETTINGS]
+    db = await Database.open(settings.database_url)
+    try:
+        loader = ModelLoader(settings.engine.device)
+        await prepare(settings, db, loader)
+        models = await ModelSwitch.open(db, loader)
+        await db.upsert_products(models.current.index.products)
+    except BaseException:
+        await db.close()
+        raise
+    batcher = SearchBatcher(
+        lambda: models.current,
+        max_queue=settings.queue_size,
+        max_batch=settings.batch_size,
+        max_wait_s=settings.batch_wait_ms / 1000,
+    )
+    batcher.start()
+    app.bot_data[SERVICES] = BotServices(
+        settings=settings,
+        db=db,
+        models=models,
+        batcher=batcher,
+        retrainer=Retrainer(app, db, models, settings),
+        error_alerts=Throttle(settings.error_notify_interval_s),
+    )
+    log.info("ready: model %s, %d products, admins %s", models.current.name, len(models.current.index), sorted(settings.admin_ids))
+    await publish_commands(app, settings.admin_ids)
+
+
+async def on_stop(app: Application) -> None:
+    """Updates have stopped and in-flight handlers are done; the bot can still send (the admin's report)."""
+    svc: BotServices | None = app.bot_data.get(SERVICES)
+    if svc is not None:
+        await svc.retrainer.stop()
+
+
+async def on_shutdown(app: Application) -> None:
+    svc: BotServices | None = app.bot_data.pop(SERVICES, None)
+    if svc is None:
+        return
+    await svc.batcher.close()
+    await svc.db.close()
+    log.info("stopped: searches drained, database closed")
+
+
+def _commands(names: dict[str, str]) -> list[BotCommand]:
+    return [BotCommand(name, description) for name, description in names.items()]
+
+
+async def publish_commands(app: Application, admin_ids: frozenset[int]) -> None:
+    """Everyone's menu lists the shopper commands; each admin's own chat also lists the admin ones."""
+    await app.bot.set_my_commands(_commands(texts.USER_COMMANDS), scope=BotCommandScopeDefault())
+    for admin_id in sorted(admin_ids):
+        try:
+            await app.bot.set_my_commands(
+                _commands({**texts.USER_COMMANDS, **texts.ADMIN_COMMANDS}), scope=BotCommandScopeChat(admin_id)
+            )
+        except TelegramError as exc:  # the admin has not opened a chat with the bot yet
+            log.warning("admin menu for %s not set (%s); it appears after they message the bot and it restarts", admin_id, exc)

@@ -1,0 +1,1 @@
+"""Update handlers grouped by concern: search, rating, privacy, admin, help, errors."""

@@ -1,0 +1,198 @@
+"""A photo (or an image file) in, five products and a rating keyboard out.
+
+Bad input never reaches the model: size is checked before downloading, the picture is
+decoded in a worker thread by :func:`ffengine.images.load_image` (which refuses bombs and
+broken files), and every refusal is answered with a friendly line and logged as a search
+with its outcome kind. The model work itself goes through the shared
+:class:`~bot.batcher.SearchBatcher`; a full queue or a user who already has a search
+running get an immediate "busy" / "one at a time" instead of waiting in line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from telegram import Bot, Message, Update
+from telegram.constants import ChatAction
+from telegram.error import BadRequest, TelegramError
+from telegram.ext import BaseHandler, MessageHandler, filters
+
+from bot import texts
+from bot.album import send_album
+from bot.batcher import QueueFull
+from bot.context import BotServices, FFContext
+from bot.keyboards import RatingItem, rating_keyboard
+from ffengine.errors import ImageRejected
+from ffengine.images import load_image
+
+log = logging.getLogger(__name__)
+CHAT_ACTION_EVERY_S = 4.0  # Telegram shows an action for about 5 s
+
+NEW_MESSAGE = filters.UpdateType.MESSAGE
+PHOTO = NEW_MESSAGE & filters.PHOTO
+IMAGE_FILE = NEW_MESSAGE & filters.Document.IMAGE
+OTHER_FILE = NEW_MESSAGE & filters.Document.ALL & ~filters.Document.IMAGE
+STICKER = NEW_MESSAGE & filters.Sticker.ALL
+
+
+class Refused(Exception):
+    """A search that cannot go on; ``outcome`` is logged, ``reply`` is shown to the user."""
+
+    def __init__(self, outcome: str, reply: str) -> None:
+        super().__init__(outcome)
+        self.outcome = outcome
+        self.reply = reply
+
+
+@dataclass(frozen=True)
+class Upload:
+    """The picture a message carries, as Telegram describes it."""
+
+    file_id: str
+    file_unique_id: str
+    file_size: int | None
+
+
+@contextlib.asynccontextmanager
+async def showing_upload(bot: Bot, chat_id: int) -> AsyncIterator[None]:
+    """Keep "sending photo..." visible in the chat while the body runs (best effort)."""
+
+    async def repeat() -> None:
+        while True:
+            try:
+                await bot.send_chat_action(chat_id, ChatAction.UPLOAD_PHOTO)
+            except TelegramError as exc:  # cosmetic: never fail a search for it
+                log.debug("chat action to %s failed: %s", chat_id, exc)
+            await asyncio.sleep(CHAT_ACTION_EVERY_S)
+
+    task = asyncio.create_task(repeat())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def download(bot: Bot, upload: Upload, limit: int) -> bytes:
+    """The file's bytes, or :class:`Refused` when Telegram will not hand it over."""
+    too_large = Refused("too_large", texts.TOO_LARGE.format(limit=limit // (1024 * 1024)))
+    if upload.file_size is not None and upload.file_size > limit:
+        raise too_large
+    try:
+        tg_file = await bot.get_file(upload.file_id)
+        if tg_file.file_size is not None and tg_file.file_size > limit:
+            raise too_large
+        data = await tg_file.download_as_bytearray()
+    except TelegramError as exc:  # BadRequest "file is too big", a vanished file, a network failure
+        if isinstance(exc, BadRequest) and "too big" in exc.message.lower():
+            raise too_large from None
+        log.warning("getFile/download failed for %s: %s", upload.file_unique_id, exc.message)
+        raise Refused("download_failed", texts.DOWNLOAD_FAILED) from None
+    if len(data) > limit:
+        raise too_large
+    return bytes(data)
+
+
+async def search_and_answer(update: Update, context: FFContext, upload: Upload, *, note: str | None = None) -> None:
+    """The whole search for one picture; the user gets an answer whatever happens."""
+    svc = context.services
+    message, user = update.effective_message, update.effective_user
+    assert message is not None and user is not None  # guaranteed by the filters
+    if user.id in svc.in_flight:
+        await message.reply_text(texts.ONE_AT_A_TIME)
+        return
+    svc.in_flight.add(user.id)
+    started = time.perf_counter()
+    try:
+        async with showing_upload(context.bot, message.chat_id):
+            await _search(svc, context, message, user.id, upload, started, note)
+    except Refused as refused:
+        await _log_refusal(svc, user.id, upload.file_unique_id, started, refused.outcome)
+        await message.reply_text(refused.reply)
+    finally:
+        svc.in_flight.discard(user.id)
+
+
+async def _search(svc: BotServices, context: FFContext, message: Message, user_id: int, upload: Upload, started: float, note: str | None) -> None:
+    bot = context.bot
+    data = await download(bot, upload, svc.settings.max_download_bytes)
+    try:
+        image = await asyncio.to_thread(load_image, data, max_bytes=svc.settings.max_download_bytes)
+    except ImageRejected as exc:
+        raise Refused(exc.reason, texts.BAD_IMAGE.format(reason=exc)) from None
+    try:
+        result = await svc.batcher.search(image)
+    except QueueFull:
+        raise Refused("busy", texts.BUSY) from None
+    recs = result.recommendations
+    record = await svc.db.record_search(
+        user_id,
+        upload.file_unique_id,
+        result.features,
+        result.model.version_id,
+        (time.perf_counter() - started) * 1000,
+        "ok" if recs else "no_results",
+        [(r.product.id, r.distance) for r in recs],
+    )
+    if note:
+        await message.reply_text(note)
+    if not recs:
+        await message.reply_text(texts.NO_RESULTS)
+        return
+    await send_album(bot, svc.db, message.chat_id, recs, context.application.create_task)
+    items = [RatingItem(rank, rec_id, r.product.url) for rank, (rec_id, r) in enumerate(zip(record.recommendation_ids, recs, strict=True), 1)]
+    await bot.send_message(message.chat_id, texts.RESULTS, reply_markup=rating_keyboard(items))
+
+
+async def _log_refusal(svc: BotServices, user_id: int, file_unique_id: str | None, started: float, outcome: str) -> None:
+    await svc.db.record_search(user_id, file_unique_id, None, None, (time.perf_counter() - started) * 1000, outcome, [])
+
+
+async def on_photo(update: Update, context: FFContext) -> None:
+    message = update.effective_message
+    assert message is not None
+    note = None
+    if message.media_group_id:
+        if not context.services.albums.first(message.media_group_id):
+            return  # the album's first photo answers for all of it
+        note = texts.ALBUM
+    photo = message.photo[-1]  # the largest size
+    await search_and_answer(update, context, Upload(photo.file_id, photo.file_unique_id, photo.file_size), note=note)
+
+
+async def on_image_file(update: Update, context: FFContext) -> None:
+    doc = update.effective_message.document  # type: ignore[union-attr]
+    assert doc is not None
+    await search_and_answer(update, context, Upload(doc.file_id, doc.file_unique_id, doc.file_size))
+
+
+async def _refuse(update: Update, context: FFContext, file_unique_id: str | None, outcome: str, reply: str) -> None:
+    user = update.effective_user
+    assert user is not None and update.effective_message is not None
+    await _log_refusal(context.services, user.id, file_unique_id, time.perf_counter(), outcome)
+    await update.effective_message.reply_text(reply)
+
+
+async def on_other_file(update: Update, context: FFContext) -> None:
+    doc = update.effective_message.document  # type: ignore[union-attr]
+    await _refuse(update, context, doc.file_unique_id if doc else None, "not_image", texts.NOT_IMAGE_FILE)
+
+
+async def on_sticker(update: Update, context: FFContext) -> None:
+    sticker = update.effective_message.sticker  # type: ignore[union-attr]
+    await _refuse(update, context, sticker.file_unique_id if sticker else None, "sticker", texts.STICKER)
+
+
+def handlers() -> list[BaseHandler]:
+    return [
+        MessageHandler(PHOTO, on_photo),
+        MessageHandler(IMAGE_FILE, on_image_file),
+        MessageHandler(OTHER_FILE, on_other_file),
+        MessageHandler(STICKER, on_sticker),
+    ]

@@ -1,0 +1,126 @@
+"""The model that answers searches, and switching it without a restart.
+
+A model version (a row in ``model_versions``) is a weights spec plus an index directory.
+:class:`ModelSwitch` loads a version completely (in a worker thread) before it becomes
+current, so a broken version never replaces a working one and searches never see half a
+model. The switch itself is one attribute assignment; a batch already running keeps the
+model it started with, so its features, index and logged version always agree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ffengine.db import Database, ModelVersion, NotFound
+from ffengine.embedder import Embedder
+from ffengine.index import Index
+from ffengine.recommend import Recommendation, Recommender
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ActiveModel:
+    """A loaded model version: backbone, index and the recommender joining them."""
+
+    version_id: int
+    name: str
+    recommender: Recommender
+
+    @property
+    def embedder(self) -> Embedder:
+        return self.recommender.embedder
+
+    @property
+    def index(self) -> Index:
+        return self.recommender.index
+
+    def search_batch(self, images: Sequence[Image.Image], k: int) -> tuple[np.ndarray, list[list[Recommendation]]]:
+        """Blocking (model thread): pictures -> ``(n, 1280)`` features and ``k`` recommendations each."""
+        features = self.embedder.embed(images)
+        return features, self.recommender.recommend_features(features, k=k)
+
+
+class ModelLoader:
+    """Builds :class:`ActiveModel` s, sharing one backbone between versions with the same weights
+    (a feedback retrain only changes the index's projection, not the network)."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self._embedders: dict[str, Embedder] = {}
+        self._lock = threading.Lock()
+
+    def embedder(self, weights: str) -> Embedder:
+        with self._lock:
+            found = self._embedders.get(weights)
+        if found is None:
+            found = Embedder.load(weights, self.device)
+            with self._lock:
+                found = self._embedders.setdefault(weights, found)
+        return found
+
+    def load(self, version: ModelVersion) -> ActiveModel:
+        """Blocking: load ``version``'s weights and index (``FFError`` with a readable message on failure)."""
+        embedder = self.embedder(version.weights)
+        index = Index.load(Path(version.index_dir), expect_fingerprint=embedder.fingerprint)
+        return ActiveModel(version.id, version.name, Recommender(embedder, index))
+
+    def keep_only(self, weights: Sequence[str]) -> None:
+        """Forget backbones no longer in use (after a switch) so memory does not grow per version."""
+        with self._lock:
+            for key in [k for k in self._embedders if k not in weights]:
+                del self._embedders[key]
+
+
+class ModelSwitch:
+    """Holds the current model; ``activate`` loads first, then records and swaps."""
+
+    def __init__(self, loader: ModelLoader, current: ActiveModel) -> None:
+        self.loader = loader
+        self._current = current
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, db: Database, loader: ModelLoader) -> ModelSwitch:
+        """Load the database's active version (start-up; there must be one)."""
+        version = await db.active_model_version()
+        if version is None:
+            raise RuntimeError("no active model version; bot.bootstrap.prepare registers one first")
+        return cls(loader, await asyncio.to_thread(loader.load, version))
+
+    @property
+    def current(self) -> ActiveModel:
+        return self._current
+
+    async def activate(self, db: Database, version_id_or_name: int | str) -> ActiveModel:
+        """Switch to a stored version: load it (off the loop), mark it active, then answer with it.
+
+        Raises ``NotFound`` for an unknown version and ``FFError`` when its files do not load;
+        in both cases the current model stays.
+        """
+        async with self._lock:
+            version = await db.get_model_version(version_id_or_name)
+            if version is None:
+                raise NotFound(f"no model version {version_id_or_name!r}; /models lists them")
+            model = await asyncio.to_thread(self.loader.load, version)
+            await db.activate_model_version(version.id)
+            previous, self._current = self._current, model
+            self.loader.keep_only([version.weights])
+            log.info("model switched: %s -> %s (%d products)", previous.name, model.name, len(model.index))
+            return model
+
+    async def reload(self, db: Database) -> ActiveModel:
+        """Re-read the active version's index (and weights) from disk."""
+        version = await db.active_model_version()
+        if version is None:
+            raise RuntimeError("no active model version")
+        self.loader.keep_only([])
+        return await self.activate(db, version.id)

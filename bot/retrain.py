@@ -1,0 +1,140 @@
+"""/retrain: one background retraining at a time, with progress in the admin's chat.
+
+The training itself is ``train.feedback`` (the same code as ``python -m train feedback``):
+its database calls run on the bot's loop, its numpy/torch work in worker threads, never on
+the event loop. Its progress callback may be called from those threads and only hands the
+latest line to the loop, which edits one status message at most every few seconds
+(Telegram's flood limits). A promoted version is loaded through
+:class:`~bot.models.ModelSwitch` (load first, then activate) and answers without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from telegram import Message
+from telegram.error import TelegramError
+from telegram.ext import Application
+
+from bot.config import BotSettings
+from bot.formatting import format_metrics
+from bot.models import ModelSwitch
+from ffengine.db import Database
+from ffengine.errors import FFError
+
+log = logging.getLogger(__name__)
+EDIT_EVERY_S = 3.0
+
+Progress = Callable[[float, str], None]
+
+
+@dataclass(frozen=True)
+class RetrainReport:
+    """What a retraining produced, as the bot reports it (see ``train.feedback.RetrainResult``)."""
+
+    version: str | None  # the registered model version, if one was trained
+    promoted: bool  # not worse than the active one: the bot should answer with it now
+    reason: str  # one sentence for the admin
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+
+
+TrainFn = Callable[[Database, BotSettings, Progress], Awaitable[RetrainReport]]
+#: The metrics worth a line in the admin's chat (the rest is in ``metrics.json`` and /models).
+SHOWN_METRICS = ("searches", "pairs", "holdout_pairwise_before", "holdout_pairwise_after", "precision5_before", "precision5_after")
+
+
+async def retrain_from_feedback(db: Database, settings: BotSettings, progress: Progress) -> RetrainReport:
+    """``train.feedback`` on the bot's loop (its numpy/torch work runs in worker threads).
+
+    ``activate=False``: the bot activates a promoted version itself, after loading it.
+    """
+    from train.feedback import retrain_from_feedback_async
+
+    result = await retrain_from_feedback_async(db, settings.engine, progress=progress, activate=False)
+    return RetrainReport(result.version, result.promoted, result.reason, result.metrics)
+
+
+class Retrainer:
+    """Runs ``train`` as a background task; refuses a second concurrent run."""
+
+    def __init__(self, app: Application, db: Database, models: ModelSwitch, settings: BotSettings, train: TrainFn = retrain_from_feedback) -> None:
+        self.app = app
+        self.db = db
+        self.models = models
+        self.settings = settings
+        self.train = train
+        self._task: asyncio.Task | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def start(self, chat_id: int) -> bool:
+        """Begin a retraining reported to ``chat_id``; False if one is already running."""
+        if self.running:
+            return False
+        self._task = asyncio.get_running_loop().create_task(self._run(chat_id), name="ff-retrain")
+        return True
+
+    async def stop(self) -> None:
+        """Shutdown: interrupt a running retraining (``train/`` removes what it had written)."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self, chat_id: int) -> None:
+        bot = self.app.bot
+        status = await bot.send_message(chat_id, "🏋️ Retraining from the logged feedback…")
+        latest: list[str] = []
+        loop = asyncio.get_running_loop()
+
+        def progress(fraction: float, text: str) -> None:  # may be called from the training threads
+            loop.call_soon_threadsafe(latest.append, f"🏋️ Retraining: {fraction:.0%} {text}".strip())
+
+        async def show_progress() -> None:
+            shown = ""
+            while True:
+                await asyncio.sleep(EDIT_EVERY_S)
+                if latest and latest[-1] != shown:
+                    shown = latest[-1]
+                    with contextlib.suppress(TelegramError):
+                        await status.edit_text(shown)
+
+        ticker = asyncio.create_task(show_progress())
+        started = time.monotonic()
+        try:
+            text = await self._apply(await self.train(self.db, self.settings, progress))
+        except asyncio.CancelledError:
+            text = "⏹ Retraining interrupted: the bot is shutting down. Nothing was changed."
+            raise
+        except FFError as exc:
+            text = f"❌ Retraining failed: {exc}"
+        except Exception as exc:
+            log.exception("retraining failed")
+            text = f"❌ Retraining failed ({type(exc).__name__}); see the log."
+        finally:
+            ticker.cancel()
+            await asyncio.shield(self._report(status, chat_id, f"{text}\n({time.monotonic() - started:.0f} s)"))
+
+    async def _report(self, status: Message, chat_id: int, text: str) -> None:
+        try:
+            await status.edit_text(text)
+        except TelegramError:
+            with contextlib.suppress(TelegramError):
+                await self.app.bot.send_message(chat_id, text)
+
+    async def _apply(self, report: RetrainReport) -> str:
+        shown = {k: report.metrics[k] for k in SHOWN_METRICS if k in report.metrics}
+        details = f"\n{report.reason}" + (f"\nMetrics: {format_metrics(shown, limit=len(shown))}" if shown else "")
+        if report.version is None:
+            return f"ℹ️ No new model version.{details}"
+        if not report.promoted:
+            return f"ℹ️ Trained {report.version} but kept {self.models.current.name}.{details}"
+        model = await self.models.activate(self.db, report.version)
+        return f"✅ Now answering with {model.name} ({len(model.index)} products).{details}"

@@ -1,0 +1,79 @@
+"""Webhook mode: an aiohttp server that feeds Telegram's POSTs into the Application.
+
+Telegram sends the secret given to ``setWebhook`` in ``X-Telegram-Bot-Api-Secret-Token``;
+anything without it is refused (403) before its body is read, so nobody but Telegram can
+inject updates. ``GET /healthz`` reports the model version and queue depth for probes.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+from telegram import Update
+from telegram.ext import Application
+
+from bot.config import BotSettings
+
+log = logging.getLogger(__name__)
+SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
+#: Updates are small JSON objects; anything bigger is not from Telegram.
+MAX_UPDATE_BYTES = 1024 * 1024
+
+
+class WebhookServer:
+    """Serves ``settings.webhook_path`` (updates) and ``/healthz`` on ``webhook_listen:webhook_port``."""
+
+    def __init__(self, app: Application, settings: BotSettings, health: Callable[[], dict[str, Any]]) -> None:
+        self.app = app
+        self.settings = settings
+        self.health = health
+        web_app = web.Application(client_max_size=MAX_UPDATE_BYTES)
+        web_app.router.add_post(settings.webhook_path, self.on_update)
+        web_app.router.add_get("/healthz", self.on_health)
+        self._runner = web.AppRunner(web_app, access_log=None)
+        self.port: int | None = None
+
+    async def start(self) -> None:
+        """Listen, then tell Telegram where to send updates (with the secret)."""
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.settings.webhook_listen, self.settings.webhook_port)
+        await site.start()
+        sockets = getattr(site._server, "sockets", None) or []  # the real port when 0 was asked for
+        self.port = sockets[0].getsockname()[1] if sockets else self.settings.webhook_port
+        log.info("webhook server listening on %s:%s%s", self.settings.webhook_listen, self.port, self.settings.webhook_path)
+        await self.app.bot.set_webhook(
+            url=self.settings.webhook_url,  # type: ignore[arg-type]
+            secret_token=self.settings.webhook_secret,
+            allowed_updates=Update.ALL_TYPES,
+        )
+
+    async def stop(self) -> None:
+        # The webhook stays registered: Telegram queues updates until the next start.
+        await self._runner.cleanup()
+
+    async def on_update(self, request: web.Request) -> web.Response:
+        given = request.headers.get(SECRET_HEADER, "")
+        if not hmac.compare_digest(given.encode(), self.settings.webhook_secret.encode()):
+            log.warning("webhook: refused a request without the right secret token from %s", request.remote)
+            return web.json_response({"ok": False, "error": "forbidden"}, status=403)
+        try:
+            data = await request.json()
+        except ValueError:  # includes JSONDecodeError and bad UTF-8
+            data = None
+        update = None
+        if isinstance(data, dict) and isinstance(data.get("update_id"), int):
+            try:
+                update = Update.de_json(data, self.app.bot)
+            except Exception:  # a malformed object of any shape must not reach the handlers
+                update = None
+        if update is None:
+            return web.json_response({"ok": False, "error": "not a Telegram update"}, status=400)
+        await self.app.update_queue.put(update)
+        return web.json_response({"ok": True})
+
+    async def on_health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", **self.health()})

@@ -1,0 +1,244 @@
+"""``ffengine``: build an index, get recommendations for photos, upgrade the database.
+
+    ffengine index build --catalog products.csv --out data/index [--weights FILE] [--device cpu]
+    ffengine index info [DIR]
+    ffengine recommend --index data/index [--k 5] [--json] [--sheet sheet.png] photo.jpg ...
+    ffengine db upgrade
+
+Settings come from the environment (and ``.env``): ``FFENGINE_WEIGHTS``, ``FFENGINE_DEVICE``,
+``FFENGINE_INDEX``, ``FFENGINE_DATA_DIR``, ``DATABASE_URL``; flags override them.
+Exit codes: 0 success (``recommend``: at least one photo worked), 1 every photo failed,
+2 an error that stops the command (bad setting, missing weights or index, unwritable output),
+printed as one line without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from ffengine.config import EngineSettings, check_device, database_url, load_dotenv_file
+from ffengine.errors import FFError, ImageRejected
+
+#: Photos embedded per forward pass by ``recommend`` (bounds memory for long photo lists).
+RECOMMEND_BATCH = 32
+
+
+def settings_from(args: argparse.Namespace) -> EngineSettings:
+    """Environment settings with ``--weights`` / ``--device`` / ``--index`` applied on top."""
+    settings = EngineSettings.from_env()
+    if getattr(args, "weights", None):
+        settings = replace(settings, weights=args.weights)
+    if getattr(args, "device", None):
+        settings = replace(settings, device=check_device(args.device, "--device"))
+    if getattr(args, "index", None):
+        settings = replace(settings, index_dir=Path(args.index))
+    return settings
+
+
+def load_embedder(settings: EngineSettings):  # -> Embedder (imported lazily: torch is slow to import)
+    from ffengine.embedder import Embedder
+
+    return Embedder.load(settings.weights, settings.device)
+
+
+# ---------------------------------------------------------------- index
+
+
+def cmd_index_build(args: argparse.Namespace) -> int:
+    from ffengine.build import build_index
+    from ffengine.index import Reduction
+
+    settings = settings_from(args)
+    embedder = load_embedder(settings)
+    options: dict[str, object] = {"backend": args.backend}
+    if args.pca is not None:
+        options["projection"] = Reduction(dims=args.pca or None, normalize_input=not args.no_l2)
+    cache = None if args.no_cache else (args.cache or settings.cache_dir)
+    report = build_index(args.catalog, args.out, embedder, cache_dir=cache, progress=not args.quiet, **options)
+    print(report.summary(max_problems=args.show_skipped))
+    return 0
+
+
+def cmd_index_info(args: argparse.Namespace) -> int:
+    from ffengine.index import Index, Reduction
+
+    index = Index.load(settings_from(args).index_dir)
+    m = index.manifest
+    recipe = m["projection"].get("recipe")
+    try:
+        space = Reduction(**recipe).label() if recipe else "a learned projection"
+    except (TypeError, ValueError):
+        space = "unknown projection recipe"
+    print(
+        f"{index.path}: {len(index)} products; model {index.fingerprint}; {m['dim']}-d features searched as "
+        f"{m['vector_dim']}-d ({space}); backend {index.backend} {index.options}; "
+        f"catalogue {str(m.get('catalog_hash', '?'))[:16]}; created {m.get('created', '?')}"
+    )
+    return 0
+
+
+# ---------------------------------------------------------------- recommend
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from ffengine.images import load_image
+    from ffengine.index import Index
+    from ffengine.recommend import Recommender, normalise_filters
+    from ffengine.sheet import SheetRow, contact_sheet
+
+    if args.k < 1:
+        raise FFError(f"--k must be at least 1, got {args.k}")
+    settings = settings_from(args)
+    index = Index.load(settings.index_dir)
+    recommender = Recommender(load_embedder(settings), index)
+    filters = {name: value for name, value in (("category", args.category), ("gender", args.gender)) if value}
+    try:
+        recommender.filter_mask(normalise_filters(filters))  # refuse an unknown filter before any work
+    except ValueError as exc:
+        raise FFError(str(exc)) from None
+    sheet_rows = []
+    worked = 0
+    for start in range(0, len(args.photos), RECOMMEND_BATCH):
+        chunk = args.photos[start : start + RECOMMEND_BATCH]
+        images, errors = {}, {}
+        for photo in chunk:
+            try:
+                images[photo] = load_image(photo)
+            except ImageRejected as exc:
+                errors[photo] = str(exc)
+        good = list(images)
+        feats = recommender.embedder.embed([images[p] for p in good]) if good else None
+        results = dict(zip(good, recommender.recommend_features(feats, args.k, filters), strict=True)) if good else {}
+        for photo in chunk:
+            if photo in errors:
+                report_error(photo, errors[photo], args.json)
+            else:
+                worked += 1
+                report_results(photo, results[photo], args.json)
+            if args.sheet:
+                sheet_rows.append(SheetRow(images.get(photo), Path(photo).name, results.get(photo, ()), errors.get(photo)))
+    if args.sheet and sheet_rows:
+        path = contact_sheet(sheet_rows, args.sheet, k=args.k)
+        print(f"contact sheet: {path}", file=sys.stderr)
+    return 0 if worked else 1
+
+
+def report_results(photo: str, recs: Sequence, as_json: bool) -> None:
+    if as_json:
+        results = [
+            {
+                "id": r.product.id,
+                "title": r.product.title,
+                "url": r.product.url,
+                "image": r.product.image,
+                "category": r.product.category,
+                "rank": r.rank,
+                "distance": round(r.distance, 6),
+            }
+            for r in recs
+        ]
+        print(json.dumps({"photo": photo, "results": results}, ensure_ascii=False), flush=True)
+        return
+    print(photo)
+    for r in recs:
+        print(f"  {r.rank}. {r.product.title} [{r.product.category or '-'}]  distance {r.distance:.3f}  {r.product.url}")
+
+
+def report_error(photo: str, message: str, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"photo": photo, "error": message}, ensure_ascii=False), flush=True)
+    else:
+        print(f"{photo}: {message}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------- db
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+    from ffengine.db.migrate import upgrade_to_head
+
+    url = database_url()
+    try:
+        shown = make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        raise FFError("DATABASE_URL is not a valid SQLAlchemy URL") from None
+    try:
+        upgrade_to_head(url)
+    except (SQLAlchemyError, OSError) as exc:
+        detail = str(getattr(exc, "orig", None) or exc).splitlines()[0][:200]
+        raise FFError(f"cannot upgrade the database {shown}: {type(exc).__name__}: {detail}") from None
+    print(f"database {shown} is at the latest schema")
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weights", help="torchvision weights name or .pth file with JSON sidecar (default: $FFENGINE_WEIGHTS)")
+    parser.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: $FFENGINE_DEVICE or auto)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ffengine", description="FocusedFashion engine: index a catalogue, recommend products for photos.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    index = commands.add_parser("index", help="build or inspect a product index")
+    index_cmds = index.add_subparsers(dest="index_command", required=True, metavar="ACTION")
+    build = index_cmds.add_parser("build", help="embed a catalogue's photos and write an index directory")
+    build.add_argument("--catalog", required=True, type=Path, help="catalogue file (.csv or .jsonl)")
+    build.add_argument("--out", required=True, type=Path, help="index directory to write (replaced atomically)")
+    add_model_flags(build)
+    build.add_argument("--backend", choices=("balltree", "exact"), default="balltree", help="search backend (default: balltree)")
+    build.add_argument("--pca", type=int, metavar="DIMS", help="PCA dimensions (0 = keep all 1280); default: the tuned reduction")
+    build.add_argument("--no-l2", action="store_true", help="with --pca: do not L2-normalise features first")
+    build.add_argument("--cache", type=Path, help="embedding cache directory (default: $FFENGINE_DATA_DIR/cache)")
+    build.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
+    build.add_argument("--quiet", action="store_true", help="no progress bar")
+    build.add_argument("--show-skipped", type=int, default=20, metavar="N", help="list at most N skipped rows (default 20)")
+    build.set_defaults(func=cmd_index_build)
+    info = index_cmds.add_parser("info", help="describe an index directory")
+    info.add_argument("index", nargs="?", help="index directory (default: $FFENGINE_INDEX)")
+    info.set_defaults(func=cmd_index_info)
+
+    rec = commands.add_parser("recommend", help="the most similar products for each photo")
+    rec.add_argument("photos", nargs="+", metavar="PHOTO", help="photo files")
+    rec.add_argument("--index", help="index directory (default: $FFENGINE_INDEX or $FFENGINE_DATA_DIR/index)")
+    rec.add_argument("--k", type=int, default=5, help="results per photo (default 5)")
+    rec.add_argument("--json", action="store_true", help='one JSON object per photo and line: {"photo", "results"} or {"photo", "error"}')
+    rec.add_argument("--sheet", type=Path, metavar="OUT.png", help="also draw a contact sheet: each photo beside its results")
+    rec.add_argument("--category", help="only products of this catalogue category")
+    rec.add_argument("--gender", help="only products for this gender")
+    add_model_flags(rec)
+    rec.set_defaults(func=cmd_recommend)
+
+    db = commands.add_parser("db", help="database maintenance")
+    db_cmds = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    upgrade = db_cmds.add_parser("upgrade", help="apply database migrations up to the latest schema ($DATABASE_URL)")
+    upgrade.set_defaults(func=cmd_db_upgrade)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ffengine`` console script and ``python -m ffengine``."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        load_dotenv_file()
+        return int(args.func(args))
+    except (FFError, OSError) as exc:  # OSError: an unwritable --out or --sheet, a full disk
+        print(f"ffengine: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ffengine: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,45 @@
+"""Storage: the log the bot writes and the retraining reads (SQLAlchemy 2 async + Alembic).
+
+``Database.open(url)`` (URL from ``ffengine.config.database_url()``) migrates and returns
+the one object callers use; see docs/ARCHITECTURE.md for the contract.
+"""
+
+from ffengine.db.database import UNVERSIONED, Database
+from ffengine.db.errors import FeedbackRefused, NotFound, StorageError, TrainingBusy
+from ffengine.db.migrate import upgrade_to_head
+from ffengine.db.models import EMBEDDING_DIM
+from ffengine.db.records import (
+    FeedbackItem,
+    FeedbackSearch,
+    LikeRate,
+    ModelVersion,
+    RatingResult,
+    RecommendationRow,
+    SearchRecord,
+    Stats,
+    TrainingRun,
+    UpsertResult,
+    UserSummary,
+)
+
+__all__ = [
+    "EMBEDDING_DIM",
+    "UNVERSIONED",
+    "Database",
+    "FeedbackItem",
+    "FeedbackRefused",
+    "FeedbackSearch",
+    "LikeRate",
+    "ModelVersion",
+    "NotFound",
+    "RatingResult",
+    "RecommendationRow",
+    "SearchRecord",
+    "Stats",
+    "StorageError",
+    "TrainingBusy",
+    "TrainingRun",
+    "UpsertResult",
+    "UserSummary",
+    "upgrade_to_head",
+]

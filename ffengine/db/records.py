@@ -1,0 +1,126 @@
+"""What the storage layer hands out: plain frozen dataclasses, never ORM objects,
+so callers never hold a session or trigger a lazy load."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SearchRecord:
+    search_id: int
+    recommendation_ids: list[int]  # in rank order (rank 1 first)
+
+
+@dataclass(frozen=True)
+class RatingResult:
+    recommendation_id: int
+    search_id: int
+    value: int  # +1 or -1, as now stored
+    changed: bool  # False when the same button was pressed again
+    previous: int | None = None  # the value before, None for a first rating
+
+
+@dataclass(frozen=True)
+class RecommendationRow:
+    recommendation_id: int
+    search_id: int
+    rank: int
+    product_id: str
+    distance: float
+
+
+@dataclass(frozen=True)
+class LikeRate:
+    rate: float  # likes / ratings
+    ratings: int
+
+
+@dataclass(frozen=True)
+class Stats:
+    users: int
+    searches: int
+    searches_ok: int
+    ratings: int
+    likes: int
+    dislikes: int
+    like_rate: dict[str, LikeRate]  # model version name (UNVERSIONED for none) -> rate
+    latency_p50_ms: float | None  # over the most recent successful searches
+    latency_p95_ms: float | None
+    products: int
+    active_model_version: str | None
+
+
+@dataclass(frozen=True)
+class FeedbackItem:
+    recommendation_id: int
+    rank: int
+    product_id: str
+    distance: float
+    rating: int | None  # the searcher's +1 / -1, None when not rated
+
+
+@dataclass(frozen=True)
+class FeedbackSearch:
+    search_id: int
+    user_id: int
+    model_version_id: int | None
+    embedding: np.ndarray  # (1280,) float32 backbone features of the query photo
+    created_at: datetime
+    items: list[FeedbackItem]
+
+
+@dataclass(frozen=True)
+class UserSummary:
+    """Everything kept about one user (photos are never kept)."""
+
+    user_id: int
+    known: bool
+    language: str | None
+    first_seen: datetime | None
+    last_seen: datetime | None
+    searches: int
+    searches_with_embedding: int  # 1280 numbers describing a photo, not the photo
+    recommendations: int
+    ratings: int
+    likes: int
+    dislikes: int
+
+
+@dataclass(frozen=True)
+class UpsertResult:
+    inserted: int
+    updated: int
+    unchanged: int
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    id: int
+    name: str
+    parent_id: int | None
+    created_at: datetime
+    weights: str  # torchvision weights name or a file path
+    index_dir: str
+    metrics: dict[str, Any] | None
+    notes: str | None
+    active: bool
+    activated_at: datetime | None
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    id: int
+    kind: str
+    params: dict[str, Any] | None
+    status: str  # running / succeeded / failed / rejected
+    progress: float  # 0..1
+    log: str
+    started_at: datetime
+    finished_at: datetime | None
+    model_version_id: int | None
+    metrics: dict[str, Any] | None

@@ -1,0 +1,104 @@
+"""Users: first/last seen, language, and their right to see and erase what is kept."""
+
+from __future__ import annotations
+
+from sqlalchemy import case, delete, func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from ffengine.db import models as m
+from ffengine.db.records import UserSummary
+from ffengine.db.store import Store, check_text, check_user_id
+
+
+async def ensure_user(session: AsyncSession, user_id: int, language: str | None = None) -> None:
+    """Create the user row or refresh ``last_seen`` (and ``language`` when given).
+
+    Select-then-insert; the primary key catches a concurrent insert (callers retry).
+    """
+    user = await session.get(m.User, user_id)
+    now = m.utcnow()
+    if user is None:
+        session.add(m.User(id=user_id, language=language, first_seen=now, last_seen=now))
+    else:
+        user.last_seen = now
+        if language is not None:
+            user.language = language
+    await session.flush()
+
+
+class UserStore(Store):
+    async def touch_user(self, user_id: int, language: str | None) -> None:
+        """Note that the user talked to the bot now (``language``: Telegram's language_code)."""
+        check_user_id(user_id)
+        check_text(language, "language", 16, optional=True)
+
+        async def write(session: AsyncSession) -> None:
+            await ensure_user(session, user_id, language)
+
+        await self._write(write, retry_on_conflict=True)
+
+    async def forget_user(self, user_id: int) -> int:
+        """Erase the user's searches, what they were shown, their ratings and the user row.
+
+        Returns the number of rows deleted (0 for an unknown user). Explicit deletes, not
+        only ON DELETE CASCADE, so the count is exact and nothing depends on the backend.
+        """
+        check_user_id(user_id)
+
+        async def write(session: AsyncSession) -> int:
+            their_searches = select(m.Search.id).where(m.Search.user_id == user_id)
+            their_recommendations = select(m.Recommendation.id).where(m.Recommendation.search_id.in_(their_searches))
+            statements = [
+                delete(m.Feedback).where(
+                    (m.Feedback.user_id == user_id) | m.Feedback.recommendation_id.in_(their_recommendations)
+                ),
+                delete(m.Recommendation).where(m.Recommendation.search_id.in_(their_searches)),
+                delete(m.Search).where(m.Search.user_id == user_id),
+                delete(m.User).where(m.User.id == user_id),
+            ]
+            deleted = 0
+            for statement in statements:
+                result = await session.execute(statement.execution_options(synchronize_session=False))
+                deleted += result.rowcount  # type: ignore[attr-defined]
+            return deleted
+
+        return await self._write(write)
+
+    async def user_summary(self, user_id: int) -> UserSummary:
+        """What is kept about the user: counts and dates (``known=False`` if nothing)."""
+        check_user_id(user_id)
+
+        async def read(session: AsyncSession) -> UserSummary:
+            user = await session.get(m.User, user_id)
+            searches, with_embedding = (
+                await session.execute(
+                    select(func.count(m.Search.id), func.count(m.Search.embedding)).where(m.Search.user_id == user_id)
+                )
+            ).one()
+            recommendations = await session.scalar(
+                select(func.count(m.Recommendation.id))
+                .join(m.Search, m.Search.id == m.Recommendation.search_id)
+                .where(m.Search.user_id == user_id)
+            )
+            ratings, likes = (
+                await session.execute(
+                    select(
+                        func.count(m.Feedback.id), func.coalesce(func.sum(case((m.Feedback.value > 0, 1), else_=0)), 0)
+                    ).where(m.Feedback.user_id == user_id)
+                )
+            ).one()
+            return UserSummary(
+                user_id=user_id,
+                known=user is not None,
+                language=user.language if user else None,
+                first_seen=user.first_seen if user else None,
+                last_seen=user.last_seen if user else None,
+                searches=searches,
+                searches_with_embedding=with_embedding,
+                recommendations=recommendations or 0,
+                ratings=ratings,
+                likes=likes,
+                dislikes=ratings - likes,
+            )
+
+        return await self._read(read)

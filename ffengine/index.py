@@ -1,0 +1,597 @@
+"""The product index: catalogue features on disk, searched by Euclidean distance.
+
+An index is a directory (see docs/ARCHITECTURE.md)::
+
+    manifest.json          what made it: model fingerprint, dims, backend, catalogue hash, sha256 of every file
+    features.npy           raw backbone features (n, 1280), so train/ can re-project without re-reading images
+    vectors.npy            the searched vectors: ``projection.apply(features)`` (n, d)
+    projection_mean.npy    (1280,)   } the reduction applied to catalogue and query features alike
+    projection_matrix.npy  (1280, d) }
+    products.jsonl         one ``Product.to_json()`` per line, row order = vector order
+
+Nothing in it is executable: arrays load with ``np.load(allow_pickle=False)``, the rest is JSON,
+and the search tree is rebuilt at load instead of being unpickled. Writes are atomic: the new
+index is written to a sibling ``<out>.tmp-XXXX`` directory, fsynced, then swapped in by rename,
+so :meth:`Index.load` never sees a half-written directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from ffengine.catalog import Product
+from ffengine.errors import FFError, IndexLoadError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "ffengine-index"
+VERSION = 1
+ARRAY_FILES = ("features.npy", "vectors.npy", "projection_mean.npy", "projection_matrix.npy")
+PRODUCTS_FILE = "products.jsonl"
+MANIFEST_FILE = "manifest.json"
+#: Rows used to fit a PCA (a random subset beyond this: the covariance barely changes, the fit gets slow).
+PCA_FIT_ROWS = 20_000
+#: Scratch memory for exact re-ranking (bytes of gathered candidate vectors at a time).
+RERANK_BLOCK_BYTES = 16 << 20
+#: Rows for the BallTree's coarse PCA, fitted at every load (it only picks candidates, so a rough fit will do).
+COARSE_FIT_ROWS = 5_000
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero)."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, np.float32(1e-12))
+
+
+def as_features(feats: np.ndarray, dim: int, what: str = "features") -> np.ndarray:
+    """``(m, dim)`` C-contiguous float32, or a ValueError naming the shape."""
+    arr = np.ascontiguousarray(feats, dtype=np.float32)
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2 or arr.shape[1] != dim:
+        raise ValueError(f"{what} must have shape (m, {dim}), got {np.shape(feats)}")
+    return arr
+
+
+@dataclass(frozen=True, eq=False)
+class Projection:
+    """``y = (maybe_l2(x) - mean) @ matrix``, then optionally L2-normalised.
+
+    Applied to catalogue and query features alike, so Euclidean distance in the
+    projected space is what the index ranks by.
+    """
+
+    mean: np.ndarray  # (D,)
+    matrix: np.ndarray  # (D, d)
+    normalize_input: bool = False
+    normalize_output: bool = False
+
+    def __post_init__(self) -> None:
+        mean = np.ascontiguousarray(self.mean, dtype=np.float32)
+        matrix = np.ascontiguousarray(self.matrix, dtype=np.float32)
+        if mean.ndim != 1 or matrix.ndim != 2 or matrix.shape[0] != mean.shape[0] or matrix.shape[1] < 1:
+            raise ValueError(f"projection needs mean (D,) and matrix (D, d); got {mean.shape} and {matrix.shape}")
+        object.__setattr__(self, "mean", mean)
+        object.__setattr__(self, "matrix", matrix)
+        identity = matrix.shape[0] == matrix.shape[1] and not mean.any() and np.array_equal(matrix, np.eye(len(mean), dtype=np.float32))
+        object.__setattr__(self, "_identity", identity)
+
+    @classmethod
+    def identity(cls, dim: int, *, normalize_input: bool = False) -> Projection:
+        """Keep the features as they are (optionally L2-normalised): the study's 1280-d search."""
+        return cls(np.zeros(dim, np.float32), np.eye(dim, dtype=np.float32), normalize_input, False)
+
+    @property
+    def in_dim(self) -> int:
+        return int(self.mean.shape[0])
+
+    @property
+    def out_dim(self) -> int:
+        return int(self.matrix.shape[1])
+
+    @property
+    def is_identity(self) -> bool:
+        return bool(self._identity)  # type: ignore[attr-defined]
+
+    def apply(self, feats: np.ndarray) -> np.ndarray:
+        """``(n, D)`` backbone features -> ``(n, d)`` C-contiguous float32 search vectors."""
+        x = as_features(feats, self.in_dim)
+        if self.normalize_input:
+            x = l2_normalize(x)
+        if not self.is_identity:
+            x = (x - self.mean) @ self.matrix
+        if self.normalize_output:
+            x = l2_normalize(x)
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """A recipe for a :class:`Projection`, fitted on a catalogue's features.
+
+    ``dims=None`` keeps every dimension (no PCA); ``whiten`` divides each principal
+    axis by its standard deviation.
+    """
+
+    dims: int | None = None
+    normalize_input: bool = False
+    whiten: bool = False
+    normalize_output: bool = False
+
+    def label(self) -> str:
+        parts = ["l2" if self.normalize_input else "raw", f"pca{self.dims}" if self.dims else "full"]
+        if self.whiten:
+            parts.append("whiten")
+        if self.normalize_output:
+            parts.append("l2out")
+        return "+".join(parts)
+
+    def fit(self, feats: np.ndarray, *, seed: int = 0, max_rows: int = PCA_FIT_ROWS) -> Projection:
+        """Fit on ``feats`` (n, D): PCA on a fixed random subset of at most ``max_rows`` rows."""
+        feats = np.ascontiguousarray(feats, dtype=np.float32)
+        dim = feats.shape[1]
+        if self.dims is None:
+            if self.whiten or self.normalize_output:
+                raise ValueError("whiten/normalize_output need a PCA (set dims)")
+            return Projection.identity(dim, normalize_input=self.normalize_input)
+        if not 1 <= self.dims <= dim:
+            raise ValueError(f"PCA dims must be in 1..{dim}, got {self.dims}")
+        if len(feats) < 2:
+            raise ValueError("a PCA needs at least 2 catalogue vectors")
+        x = l2_normalize(feats) if self.normalize_input else feats
+        if len(x) > max_rows:
+            x = x[np.sort(np.random.default_rng(seed).choice(len(x), max_rows, replace=False))]
+        mean = x.mean(axis=0, dtype=np.float64)
+        centred = (x - mean.astype(np.float32)).astype(np.float32)
+        if len(centred) < dim:  # few rows: the SVD of the data is cheaper than the covariance's eigh
+            _, sing, vt = np.linalg.svd(centred.astype(np.float64), full_matrices=False)
+            eigval, eigvec = sing**2, vt.T
+        else:
+            eigval, eigvec = np.linalg.eigh((centred.T @ centred).astype(np.float64))
+        eigval = eigval / max(len(x) - 1, 1)
+        order = np.argsort(eigval)[::-1][: self.dims]
+        matrix = eigvec[:, order]
+        if self.whiten:
+            matrix = matrix / np.sqrt(np.maximum(eigval[order], 1e-12))
+        # eigenvector signs are arbitrary; fix them so that refits are reproducible
+        signs = np.sign(matrix[np.abs(matrix).argmax(axis=0), np.arange(matrix.shape[1])])
+        matrix = matrix * np.where(signs == 0, 1.0, signs)
+        return Projection(mean.astype(np.float32), matrix.astype(np.float32), self.normalize_input, self.normalize_output)
+
+
+#: What ``write_index(projection=None)`` uses; chosen from bench/quality.py and bench/index_speed.py (see README).
+DEFAULT_REDUCTION = Reduction(dims=None, normalize_input=True)
+
+
+class Searcher(Protocol):
+    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class ExactSearcher:
+    """Brute force: every query against every vector (the yardstick, and fast at small d)."""
+
+    def __init__(self, vectors: np.ndarray) -> None:
+        self.vectors = vectors
+        self.sq_norms = np.einsum("ij,ij->i", vectors, vectors)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return exact_search(self.vectors, queries, k, self.sq_norms)
+
+
+def exact_search(
+    vectors: np.ndarray, queries: np.ndarray, k: int, sq_norms: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """k nearest rows of ``vectors`` for each query, ascending distance.
+
+    Candidates come from the ``|v|^2 - 2 q.v`` expansion; their distances are then
+    recomputed from differences so that near-duplicates get exact (tiny) distances.
+    """
+    n = len(vectors)
+    k = min(k, n)
+    if sq_norms is None:
+        sq_norms = np.einsum("ij,ij->i", vectors, vectors)
+    m = len(queries)
+    dist = np.empty((m, k), np.float32)
+    idx = np.empty((m, k), np.int64)
+    step = max(1, (32 << 20) // max(n * 4, 1))  # ~32 MB of scores at a time
+    for start in range(0, m, step):
+        q = queries[start : start + step]
+        scores = sq_norms[None, :] - 2.0 * (q @ vectors.T)
+        if k < n:
+            cand = np.argpartition(scores, k - 1, axis=1)[:, :k]
+        else:
+            cand = np.broadcast_to(np.arange(n), scores.shape)
+        dist[start : start + step], idx[start : start + step] = rerank(vectors, q, np.asarray(cand, np.int64), k)
+    return dist, idx
+
+
+class BallTreeSearcher:
+    """scikit-learn's BallTree, Euclidean, as in the study; rebuilt from the vectors at load.
+
+    A BallTree prunes well in tens of dimensions but degenerates to a slow brute force
+    at 1280. With ``coarse_dims`` the tree indexes a PCA of the vectors (fitted here,
+    at load, on at most :data:`COARSE_FIT_ROWS` rows), fetches ``shortlist`` candidates
+    and ranks them by their exact distance in the full vector space: the answer is
+    the exact one whenever the true neighbours are in the shortlist (bench/index_speed.py
+    measures how often).
+    """
+
+    def __init__(self, vectors: np.ndarray, leaf_size: int = 40, coarse_dims: int | None = None, shortlist: int = 100) -> None:
+        from sklearn.neighbors import BallTree
+
+        self.vectors = vectors
+        self.shortlist = shortlist
+        self.coarse: Projection | None = None
+        data = vectors
+        if coarse_dims and coarse_dims < min(vectors.shape):
+            self.coarse = Reduction(coarse_dims).fit(vectors, max_rows=COARSE_FIT_ROWS)
+            data = self.coarse.apply(vectors)
+        self.tree = BallTree(data, leaf_size=leaf_size, metric="euclidean")
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        n = self.tree.data.shape[0]
+        k = min(k, n)
+        if self.coarse is None:
+            dist, idx = self.tree.query(queries, k=k, return_distance=True, sort_results=True)
+            return dist.astype(np.float32), idx.astype(np.int64)
+        cand = self.tree.query(self.coarse.apply(queries), k=min(max(self.shortlist, k), n), return_distance=False)
+        return rerank(self.vectors, queries, cand.astype(np.int64), k)
+
+
+def rerank(vectors: np.ndarray, queries: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest of each query's candidate rows by exact distance (ties: lower row first).
+
+    Distances come from differences (no cancellation for near-duplicates), computed in blocks
+    of about :data:`RERANK_BLOCK_BYTES` so that memory stays flat for any candidate count.
+    """
+    m, c = cand.shape
+    dim = vectors.shape[1]
+    d = np.empty((m, c), np.float32)
+    per_block = max(1, RERANK_BLOCK_BYTES // (4 * dim))  # candidate rows gathered at a time
+    queries_per_block = max(1, per_block // max(c, 1))
+    col_step = min(c, per_block)
+    for start in range(0, m, queries_per_block):
+        q = queries[start : start + queries_per_block, None, :]
+        for col in range(0, c, col_step):
+            diffs = vectors[cand[start : start + queries_per_block, col : col + col_step]] - q
+            d[start : start + queries_per_block, col : col + col_step] = np.sqrt(np.einsum("mkd,mkd->mk", diffs, diffs))
+    order = np.lexsort((cand, d), axis=1)[:, :k]
+    return np.take_along_axis(d, order, 1), np.take_along_axis(cand, order, 1)
+
+
+#: Options each backend takes (``write_index(**options)``), with their smallest allowed value.
+BACKEND_OPTIONS: dict[str, dict[str, int]] = {"balltree": {"leaf_size": 1, "coarse_dims": 1, "shortlist": 1}, "exact": {}}
+BACKENDS = tuple(BACKEND_OPTIONS)
+#: What a backend uses when the caller names no options; chosen from bench/index_speed.py (see README).
+DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {"balltree": {"leaf_size": 40, "coarse_dims": 64, "shortlist": 200}, "exact": {}}
+
+
+def effective_options(backend: str, options: dict[str, Any] | None) -> dict[str, Any]:
+    """The backend's defaults overridden by ``options`` (``coarse_dims=None`` turns the coarse stage off)."""
+    merged = {**DEFAULT_OPTIONS.get(backend, {}), **(options or {})}
+    check_options(backend, merged)
+    return merged
+
+
+def check_options(backend: str, options: dict[str, Any]) -> None:
+    """Refuse an unknown backend, an option it does not take, or a value out of range."""
+    if backend not in BACKEND_OPTIONS:
+        raise ValueError(f"unknown index backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    allowed = BACKEND_OPTIONS[backend]
+    for name, value in options.items():
+        if name not in allowed:
+            raise ValueError(f"backend {backend!r} takes no option {name!r} (it takes: {', '.join(allowed) or 'none'})")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < allowed[name]):
+            raise ValueError(f"option {name} must be a whole number >= {allowed[name]}, got {value!r}")
+
+
+def make_searcher(backend: str, vectors: np.ndarray, options: dict[str, Any]) -> Searcher:
+    check_options(backend, options)
+    if backend == "balltree":
+        return BallTreeSearcher(
+            vectors,
+            leaf_size=int(options.get("leaf_size", 40)),
+            coarse_dims=options.get("coarse_dims"),
+            shortlist=int(options.get("shortlist", 100)),
+        )
+    return ExactSearcher(vectors)
+
+
+class Index:
+    """Catalogue vectors + products + the projection and model fingerprint that made them."""
+
+    def __init__(
+        self,
+        features: np.ndarray,
+        products: Sequence[Product],
+        *,
+        fingerprint: str,
+        projection: Projection,
+        backend: str = "balltree",
+        manifest: dict[str, Any] | None = None,
+        vectors: np.ndarray | None = None,
+        path: Path | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> None:
+        self.features = as_features(features, projection.in_dim, "catalogue features")
+        if len(self.features) != len(products):
+            raise ValueError(f"{len(self.features)} feature rows but {len(products)} products")
+        if len(products) == 0:
+            raise ValueError("an index needs at least one product")
+        self.products = list(products)
+        self.projection = projection
+        self.vectors = projection.apply(self.features) if vectors is None else vectors
+        self.fingerprint = fingerprint
+        self.backend = backend
+        self.options = effective_options(backend, options)
+        self.path = path
+        self.manifest = manifest or {}
+        self.searcher = make_searcher(backend, self.vectors, self.options)
+
+    def __len__(self) -> int:
+        return len(self.products)
+
+    @property
+    def dim(self) -> int:
+        """Backbone feature dimension a query must have."""
+        return self.projection.in_dim
+
+    def search(self, feats: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(m, 1280)`` backbone features -> ``(dist (m, k) float32, idx (m, k) int64)``, nearest first.
+
+        ``k`` is capped at ``len(index)``.
+        """
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        return self.searcher.search(self.projection.apply(as_features(feats, self.dim, "query features")), k)
+
+    def search_rows(self, feats: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact search restricted to ``rows`` (e.g. a filter's matches); returns index-wide row numbers."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) == 0:
+            m = len(as_features(feats, self.dim, "query features"))
+            return np.zeros((m, 0), np.float32), np.zeros((m, 0), np.int64)
+        queries = self.projection.apply(as_features(feats, self.dim, "query features"))
+        dist, sub = exact_search(self.vectors[rows], queries, k)
+        return dist, rows[sub]
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], expect_fingerprint: str | None = None) -> Index:
+        """Read an index directory; :class:`IndexLoadError` if missing, corrupt or made by another model."""
+        return load_index(Path(path), expect_fingerprint)
+
+
+# ---------------------------------------------------------------- writing
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_durable(path: Path, write: Any) -> None:
+    """Create ``path``, let ``write(fh)`` fill it, and fsync before returning."""
+    with path.open("wb") as fh:
+        write(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # platforms without directory handles (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_index(
+    out_dir: str | os.PathLike[str],
+    features: np.ndarray,
+    products: Sequence[Product],
+    *,
+    fingerprint: str,
+    catalog_hash: str,
+    backend: str = "balltree",
+    projection: Projection | Reduction | None = None,
+    **options: Any,
+) -> Path:
+    """Write an index directory atomically and return its path.
+
+    ``projection`` is a fitted :class:`Projection`, a :class:`Reduction` to fit on
+    ``features``, or ``None`` for :data:`DEFAULT_REDUCTION`. ``options`` are backend
+    options (balltree: ``leaf_size``, ``coarse_dims``, ``shortlist``; defaults in
+    :data:`DEFAULT_OPTIONS`) and are recorded in the manifest.
+    """
+    options = effective_options(backend, options)
+    out = Path(out_dir)
+    features = np.ascontiguousarray(features, dtype=np.float32)
+    if features.ndim != 2:
+        raise ValueError(f"catalogue features must have shape (n, D), got {features.shape}")
+    if len(features) != len(products) or len(products) == 0:
+        raise ValueError(f"need one feature row per product and at least one product; got {len(features)} rows, {len(products)} products")
+    recipe = DEFAULT_REDUCTION if projection is None else projection
+    if isinstance(recipe, Reduction):
+        if recipe.dims is not None and recipe.dims > min(features.shape):
+            recipe = Reduction(None, recipe.normalize_input)  # too few products for a PCA of that size
+        proj = recipe.fit(features)
+    else:
+        proj = recipe
+    vectors = proj.apply(features)
+    if not np.isfinite(vectors).all():
+        raise ValueError("catalogue features contain NaN or infinity")
+    if out.exists() and not (out / MANIFEST_FILE).is_file() and any(out.iterdir()):
+        raise FFError(f"{out} exists and is not an index (no {MANIFEST_FILE}); refusing to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+    try:
+        arrays = {
+            "features.npy": features,
+            "vectors.npy": vectors,
+            "projection_mean.npy": proj.mean,
+            "projection_matrix.npy": proj.matrix,
+        }
+        for name, arr in arrays.items():
+            write_durable(tmp / name, lambda fh, a=arr: np.save(fh, a, allow_pickle=False))
+        lines = "".join(json.dumps(p.to_json(), ensure_ascii=False, sort_keys=True) + "\n" for p in products)
+        write_durable(tmp / PRODUCTS_FILE, lambda fh: fh.write(lines.encode("utf-8")))
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "fingerprint": fingerprint,
+            "dim": proj.in_dim,
+            "vector_dim": proj.out_dim,
+            "count": len(products),
+            "backend": backend,
+            "options": options,
+            "projection": {
+                "normalize_input": proj.normalize_input,
+                "normalize_output": proj.normalize_output,
+                "recipe": asdict(recipe) if isinstance(recipe, Reduction) else None,
+            },
+            "catalog_hash": catalog_hash,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "files": {name: sha256_file(tmp / name) for name in (*ARRAY_FILES, PRODUCTS_FILE)},
+        }
+        write_durable(tmp / MANIFEST_FILE, lambda fh: fh.write(json.dumps(manifest, indent=2, sort_keys=True).encode()))
+        fsync_dir(tmp)
+        swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def old_path(out: Path) -> Path:
+    return out.with_name(out.name + ".old")
+
+
+def swap_in(tmp: Path, out: Path) -> None:
+    """Replace ``out`` by ``tmp``: ``out -> out.old``, ``tmp -> out``, then drop ``out.old``.
+
+    A crash between the two renames leaves ``out.old`` complete; :func:`load_index` falls back to it.
+    """
+    old = old_path(out)
+    if old.exists():
+        shutil.rmtree(old)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    fsync_dir(out.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_index(path: Path, expect_fingerprint: str | None = None) -> Index:
+    if not (path / MANIFEST_FILE).is_file():
+        old = old_path(path)
+        if (old / MANIFEST_FILE).is_file():
+            log.warning("index %s is missing; using %s left by an interrupted update", path, old)
+            path = old
+        elif path.is_dir():
+            raise IndexLoadError(f"{path} is not an index: {MANIFEST_FILE} is missing. Build one with `ffengine index build`.")
+        else:
+            raise IndexLoadError(f"No index at {path}. Build one with `ffengine index build --catalog CSV --out {path}`.")
+    manifest = read_manifest(path)
+    fingerprint = manifest["fingerprint"]
+    if expect_fingerprint is not None and fingerprint != expect_fingerprint:
+        raise IndexLoadError(
+            f"Index {path} was built by another model (fingerprint {fingerprint}, the loaded model is {expect_fingerprint}). "
+            "Rebuild it with the same weights (`ffengine index build --weights ...`) or use the index made for these weights."
+        )
+    files = manifest["files"]
+    for name in (*ARRAY_FILES, PRODUCTS_FILE):
+        file = path / name
+        if not file.is_file():
+            raise IndexLoadError(f"Index {path} is incomplete: {name} is missing. Rebuild it with `ffengine index build`.")
+        if sha256_file(file) != files.get(name):
+            raise IndexLoadError(f"Index {path} is corrupt: {name} does not match its checksum in {MANIFEST_FILE}. Rebuild it.")
+    arrays = {name: read_array(path / name) for name in ARRAY_FILES}
+    n, dim, vdim = manifest["count"], manifest["dim"], manifest["vector_dim"]
+    expected = {"features.npy": (n, dim), "vectors.npy": (n, vdim), "projection_mean.npy": (dim,), "projection_matrix.npy": (dim, vdim)}
+    for name, shape in expected.items():
+        if arrays[name].shape != shape or arrays[name].dtype != np.float32:
+            raise IndexLoadError(f"Index {path} is corrupt: {name} is {arrays[name].dtype}{arrays[name].shape}, expected float32{shape}.")
+    products = read_products(path / PRODUCTS_FILE)
+    if len(products) != n:
+        raise IndexLoadError(f"Index {path} is corrupt: {len(products)} products for {n} vectors.")
+    proj_meta = manifest["projection"]
+    try:
+        projection = Projection(
+            arrays["projection_mean.npy"],
+            arrays["projection_matrix.npy"],
+            bool(proj_meta["normalize_input"]),
+            bool(proj_meta["normalize_output"]),
+        )
+        return Index(
+            arrays["features.npy"],
+            products,
+            fingerprint=fingerprint,
+            projection=projection,
+            backend=manifest["backend"],
+            manifest=manifest,
+            vectors=arrays["vectors.npy"],
+            path=path,
+            options=manifest.get("options") or {},
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise IndexLoadError(f"Index {path} is corrupt: {exc}") from None
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    where = path / MANIFEST_FILE
+    try:
+        manifest = json.loads(where.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise IndexLoadError(f"Index {path} is corrupt: {MANIFEST_FILE} is not readable JSON ({exc}).") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise IndexLoadError(f"{path} is not an ffengine index ({MANIFEST_FILE} has no format {FORMAT!r}).")
+    if manifest.get("version") != VERSION:
+        raise IndexLoadError(f"Index {path} has format version {manifest.get('version')!r}; this program reads version {VERSION}. Rebuild it.")
+    required = {"fingerprint": str, "dim": int, "vector_dim": int, "count": int, "backend": str, "projection": dict, "files": dict}
+    for key, kind in required.items():
+        if not isinstance(manifest.get(key), kind):
+            raise IndexLoadError(f"Index {path} is corrupt: {MANIFEST_FILE} lacks a valid {key!r}.")
+    if manifest["backend"] not in BACKENDS:
+        raise IndexLoadError(f"Index {path} uses backend {manifest['backend']!r}; this program knows {', '.join(BACKENDS)}.")
+    return manifest
+
+
+def read_array(file: Path) -> np.ndarray:
+    try:
+        return np.load(file, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise IndexLoadError(f"Index {file.parent} is corrupt: cannot read {file.name} ({exc}).") from None
+
+
+def read_products(file: Path) -> list[Product]:
+    products = []
+    with file.open(encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            try:
+                products.append(Product.from_json(json.loads(line)))
+            except (ValueError, TypeError, KeyError) as exc:
+                raise IndexLoadError(f"Index {file.parent} is corrupt: {file.name} line {number} is not a product ({exc}).") from None
+    return products

@@ -1,0 +1,174 @@
+"""Photo -> the k most similar products, nearest first, without duplicates, optionally filtered.
+
+Catalogues list the same picture under several product ids (re-listings, colour
+variants photographed once). Showing a shopper five copies of one picture is
+useless, so results whose image reference or backbone features are identical
+collapse into the first (nearest) one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from ffengine.catalog import Product
+from ffengine.embedder import Embedder
+from ffengine.errors import IndexLoadError
+from ffengine.images import ImageSource, load_image
+from ffengine.index import Index, as_features
+
+#: Features closer than this (relative to their length) count as the same picture.
+DUPLICATE_TOLERANCE = 1e-4
+#: With a filter that keeps less than this share of the catalogue, search its rows exactly instead of over-fetching.
+SUBSET_SHARE = 0.25
+
+Filters = Mapping[str, str | Collection[str]]
+#: Product fields a caller may filter on; a catalogue's extra columns (e.g. ``master_category``) work too.
+FILTER_FIELDS = ("category", "gender", "colour", "currency")
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """One suggested product: its distance to the query (lower = more similar) and 1-based rank."""
+
+    product: Product
+    distance: float
+    rank: int
+
+
+def normalise_filters(filters: Filters | None) -> dict[str, frozenset[str]]:
+    """``{"category": "Shirts", "gender": ["Men", "Unisex"]}`` -> case-folded sets of accepted values."""
+    out: dict[str, frozenset[str]] = {}
+    for name, value in (filters or {}).items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"filter names must be non-empty strings, got {name!r}")
+        values = [value] if isinstance(value, str) or not isinstance(value, Collection) else list(value)
+        if not values or not all(isinstance(v, str) for v in values):
+            raise ValueError(f"filter {name!r} needs a string or a non-empty list of strings, got {value!r}")
+        out[name] = frozenset(v.strip().casefold() for v in values)
+    return out
+
+
+def field_value(product: Product, name: str) -> str:
+    """A product's value for a filter, case-folded ("" when absent)."""
+    value = getattr(product, name) if name in FILTER_FIELDS else product.extra.get(name)
+    return (value or "").strip().casefold()
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    """How to search under a filter: exactly over its rows when it is narrow, else over-fetch and drop."""
+
+    rows: np.ndarray | None  # search only these rows (a narrow filter)
+    mask: np.ndarray | None  # drop candidates outside this mask (a broad filter)
+    limit: int  # most candidates there are
+    fetch: int  # candidates asked for first
+
+    @classmethod
+    def make(cls, n: int, allowed: np.ndarray | None, k: int) -> SearchPlan:
+        if allowed is None:
+            return cls(None, None, n, min(k * 2 + 8, n))
+        rows = np.flatnonzero(allowed)
+        if len(rows) < SUBSET_SHARE * n:
+            return cls(rows, None, len(rows), min(k * 2 + 8, len(rows)))
+        return cls(None, allowed, n, min(k * 8 + 16, n))
+
+
+class Recommender:
+    """Embedder + index made by the same model; refuses a pair that does not match."""
+
+    def __init__(self, embedder: Embedder, index: Index) -> None:
+        if embedder.fingerprint != index.fingerprint:
+            where = index.path or "the index"
+            raise IndexLoadError(
+                f"{where} was built by another model (fingerprint {index.fingerprint}) than the loaded weights "
+                f"({embedder.fingerprint}); rebuild it with these weights or load the weights it was built with."
+            )
+        if embedder.dim != index.dim:
+            raise IndexLoadError(f"the index holds {index.dim}-d features but the model makes {embedder.dim}-d ones")
+        self.embedder = embedder
+        self.index = index
+        self._masks: dict[tuple[tuple[str, frozenset[str]], ...], np.ndarray] = {}
+
+    def recommend(self, image: Image.Image | ImageSource, k: int = 5, filters: Filters | None = None) -> list[Recommendation]:
+        """One picture (PIL image, bytes or path) -> up to ``k`` recommendations.
+
+        CPU/GPU-bound: call it from a worker thread in async code. Raises ``ImageRejected`` on bad input.
+        """
+        img = image if isinstance(image, Image.Image) else load_image(image)
+        return self.recommend_features(self.embedder.embed([img]), k, filters)[0]
+
+    def recommend_features(self, feats: np.ndarray, k: int = 5, filters: Filters | None = None) -> list[list[Recommendation]]:
+        """``(m, 1280)`` backbone features -> for each row, up to ``k`` recommendations, nearest first."""
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        feats = as_features(feats, self.index.dim, "query features")
+        wanted = normalise_filters(filters)
+        allowed = self.filter_mask(wanted) if wanted else None
+        plan = SearchPlan.make(len(self.index), allowed, k)
+        if plan.limit == 0:
+            return [[] for _ in feats]
+        dist, idx = self.candidates(feats, plan.fetch, plan)  # one batched search for every query
+        out = []
+        for i, q in enumerate(feats):
+            picked, fetch = self.collapse(dist[i], idx[i], k, plan.mask), plan.fetch
+            while len(picked) < k and fetch < plan.limit:  # duplicates or filtered rows ate the candidates
+                fetch = min(fetch * 4, plan.limit)
+                d, ix = self.candidates(q[None, :], fetch, plan)
+                picked = self.collapse(d[0], ix[0], k, plan.mask)
+            out.append(picked)
+        return out
+
+    def candidates(self, feats: np.ndarray, fetch: int, plan: SearchPlan) -> tuple[np.ndarray, np.ndarray]:
+        """``fetch`` nearest rows per query, ordered by (distance, row) so duplicates resolve the same way every time."""
+        if plan.rows is not None:
+            dist, idx = self.index.search_rows(feats, plan.rows, fetch)
+        else:
+            dist, idx = self.index.search(feats, fetch)
+        order = np.lexsort((idx, dist), axis=1)
+        return np.take_along_axis(dist, order, 1), np.take_along_axis(idx, order, 1)
+
+    def filter_mask(self, wanted: dict[str, frozenset[str]]) -> np.ndarray:
+        """Boolean mask of the products that pass every filter (cached per filter)."""
+        key = tuple(sorted(wanted.items(), key=lambda kv: kv[0]))
+        mask = self._masks.get(key)
+        if mask is None:
+            products = self.index.products
+            for name in wanted:
+                if name not in FILTER_FIELDS and not any(name in p.extra for p in products):
+                    raise ValueError(f"cannot filter on {name!r}: not one of {', '.join(FILTER_FIELDS)} nor a catalogue column")
+            mask = np.fromiter(
+                (all(field_value(p, name) in values for name, values in wanted.items()) for p in products),
+                dtype=bool,
+                count=len(products),
+            )
+            if len(self._masks) >= 64:
+                self._masks.clear()
+            self._masks[key] = mask
+        return mask
+
+    def collapse(self, dist: np.ndarray, idx: np.ndarray, k: int, allowed: np.ndarray | None) -> list[Recommendation]:
+        """Walk candidates nearest-first; skip filtered-out rows and duplicates of kept ones."""
+        products, feats = self.index.products, self.index.features
+        kept: list[int] = []
+        out: list[Recommendation] = []
+        for d, row in zip(dist.tolist(), idx.tolist(), strict=True):
+            if allowed is not None and not allowed[row]:
+                continue
+            if any(self.same_picture(row, other, products, feats) for other in kept):
+                continue
+            kept.append(row)
+            out.append(Recommendation(products[row], float(d), len(out) + 1))
+            if len(out) == k:
+                break
+        return out
+
+    @staticmethod
+    def same_picture(a: int, b: int, products: list[Product], feats: np.ndarray) -> bool:
+        if products[a].image == products[b].image:
+            return True
+        fa, fb = feats[a], feats[b]
+        return float(np.linalg.norm(fa - fb)) <= DUPLICATE_TOLERANCE * max(float(np.linalg.norm(fb)), 1e-6)

@@ -1,0 +1,111 @@
+"""Bot settings: defaults, every malformed setting named in one line, and no token in any log line."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import pytest
+
+from bot.config import BotSettings
+from bot.logs import REDACTED, install_redaction
+from ffengine.errors import ConfigError
+
+TOKEN = "123456789:AAHfakeTokenForTests_only-0123456789"
+
+
+def settings(**env: str) -> BotSettings:
+    return BotSettings.from_env({"TELEGRAM_BOT_TOKEN": TOKEN, **env})
+
+
+def test_defaults() -> None:
+    s = settings()
+    assert s.api_base_url == "https://api.telegram.org/bot"
+    assert s.file_base_url == "https://api.telegram.org/file/bot"
+    assert s.mode == "polling" and s.admin_ids == frozenset()
+    assert s.max_download_bytes == 20 * 1024 * 1024
+    assert s.database_url.endswith("data/focusedfashion.db")
+    assert TOKEN not in repr(s) and s.webhook_secret not in repr(s)
+
+
+def test_values_are_read() -> None:
+    s = settings(
+        TELEGRAM_API_URL="http://127.0.0.1:8081/",
+        ADMIN_IDS=" 5, 7 ,",
+        BOT_MAX_DOWNLOAD_MB="2000",
+        BOT_MODE="webhook",
+        BOT_WEBHOOK_URL="https://bot.example/hook/abc",
+        BOT_WEBHOOK_SECRET="s3cret_-X",
+        FFENGINE_DEVICE="cpu",
+    )
+    assert s.api_base_url == "http://127.0.0.1:8081/bot" and s.file_base_url == "http://127.0.0.1:8081/file/bot"
+    assert s.admin_ids == {5, 7}
+    assert s.max_download_bytes == 2000 * 1024 * 1024
+    assert s.webhook_path == "/hook/abc" and s.webhook_secret == "s3cret_-X"
+    assert s.engine.device == "cpu"
+    assert s.secrets() == [TOKEN, "s3cret_-X"]
+
+
+def test_missing_token_says_how_to_get_one() -> None:
+    with pytest.raises(ConfigError) as err:
+        BotSettings.from_env({"TELEGRAM_BOT_TOKEN": "  "})
+    assert "TELEGRAM_BOT_TOKEN" in str(err.value) and "@BotFather" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"TELEGRAM_BOT_TOKEN": "not a token"}, "TELEGRAM_BOT_TOKEN"),
+        ({"TELEGRAM_API_URL": "api.telegram.org"}, "TELEGRAM_API_URL"),
+        ({"ADMIN_IDS": "5,alice"}, "ADMIN_IDS"),
+        ({"BOT_MODE": "push"}, "BOT_MODE"),
+        ({"BOT_MODE": "webhook"}, "BOT_WEBHOOK_URL"),
+        ({"BOT_WEBHOOK_SECRET": "has space"}, "BOT_WEBHOOK_SECRET"),
+        ({"BOT_WEBHOOK_PORT": "70000"}, "BOT_WEBHOOK_PORT"),
+        ({"BOT_MAX_DOWNLOAD_MB": "0"}, "BOT_MAX_DOWNLOAD_MB"),
+        ({"BOT_QUEUE_SIZE": "many"}, "BOT_QUEUE_SIZE"),
+        ({"BOT_RATE_LIMIT": "-1"}, "BOT_RATE_LIMIT"),
+        ({"BOT_LOG_LEVEL": "LOUD"}, "BOT_LOG_LEVEL"),
+        ({"FFENGINE_DEVICE": "tpu"}, "FFENGINE_DEVICE"),
+        ({"DATABASE_URL": "focusedfashion.db"}, "DATABASE_URL"),
+    ],
+)
+def test_bad_setting_is_named(env: dict[str, str], named: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        settings(**env)
+    assert named in str(err.value) and "\n" not in str(err.value)
+
+
+def test_malformed_token_is_not_echoed() -> None:
+    with pytest.raises(ConfigError) as err:
+        settings(TELEGRAM_BOT_TOKEN="123:short secret")
+    assert "short secret" not in str(err.value)
+
+
+def test_webhook_secret_is_random_when_unset() -> None:
+    a, b = settings(), settings()
+    assert len(a.webhook_secret) >= 32 and a.webhook_secret != b.webhook_secret
+
+
+def test_token_never_reaches_a_log_line() -> None:
+    """httpx-style URL lines, %-args and tracebacks are all scrubbed by the handler filter."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger = logging.getLogger("test_bot_config.redaction")
+    logger.addHandler(handler)
+    logger.propagate = False
+    install_redaction([TOKEN, "hook-secret"], logger)
+    try:
+        logger.warning("HTTP Request: POST https://api.telegram.org/bot%s/getUpdates", TOKEN)
+        logger.warning(f"secret is hook-secret and url /bot{TOKEN}/x")
+        try:
+            raise RuntimeError(f"failed https://api.telegram.org/file/bot{TOKEN}/photos/1.jpg")
+        except RuntimeError:
+            logger.exception("download failed")
+    finally:
+        logger.removeHandler(handler)
+    out = stream.getvalue()
+    assert TOKEN not in out and "hook-secret" not in out
+    assert out.count(REDACTED) == 4
+    assert "RuntimeError: failed https://api.telegram.org/file/bot<redacted>/photos/1.jpg" in out

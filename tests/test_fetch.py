@@ -1,0 +1,241 @@
+"""Downloading catalogue images from a real aiohttp server on 127.0.0.1.
+
+The server (:class:`ImageServer`, also used by ``test_build.py``) runs in its own thread
+and event loop, so both async tests and blocking ``build_index`` calls can use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+from aiohttp import web
+
+from ffengine.fetch import Fetcher, FetchError, FetchSettings
+from tests.conftest import make_image
+
+GOOD = make_image(seed=11)
+BIG = b"\xff\xd8" + b"x" * 300_000  # bigger than the 200 kB cap used below
+#: Tight limits so failing cases finish in well under a second.
+FAST = FetchSettings(concurrency=4, timeout_s=0.5, connect_timeout_s=0.5, max_bytes=200_000, retries=2, backoff_s=0.01)
+
+
+class ImageServer:
+    """An HTTP server with one route per way a CDN can behave; counts hits per path."""
+
+    def __init__(self) -> None:
+        self.hits: Counter[str] = Counter()
+        self.active = 0
+        self.max_active = 0
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="image-server", daemon=True)
+        self.runner: web.AppRunner | None = None
+        self.base = ""
+
+    def url(self, path: str) -> str:
+        return f"{self.base}{path}"
+
+    def start(self) -> None:
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(timeout=10)
+
+    def stop(self) -> None:
+        assert self.runner is not None
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+    async def _start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/good/{name}", self.good)
+        app.router.add_get("/missing/{name}", self.missing)
+        app.router.add_get("/slow/{name}", self.slow)
+        app.router.add_get("/text/{name}", self.text)
+        app.router.add_get("/big/{name}", self.big)
+        app.router.add_get("/big-stream/{name}", self.big_stream)
+        app.router.add_get("/flaky/{name}", self.flaky)
+        app.router.add_get("/busy/{name}", self.busy)
+        app.router.add_get("/redirect/{name}", self.redirect)
+        app.router.add_get("/held/{name}", self.held)
+        self.runner = web.AppRunner(app, shutdown_timeout=0.5, handler_cancellation=True, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = self.runner.addresses[0][:2]
+        self.base = f"http://{host}:{port}"
+
+    def _hit(self, request: web.Request) -> int:
+        self.hits[request.path] += 1
+        return self.hits[request.path]
+
+    async def good(self, request: web.Request) -> web.Response:
+        self._hit(request)
+        return web.Response(body=GOOD, content_type="image/jpeg")
+
+    async def missing(self, request: web.Request) -> web.Response:
+        self._hit(request)
+        return web.Response(status=404, text="not here")
+
+    async def slow(self, request: web.Request) -> web.Response:
+        self._hit(request)
+        await asyncio.sleep(30)  # cancelled when the client gives up
+        return web.Response(body=GOOD, content_type="image/jpeg")
+
+    async def text(self, request: web.Request) -> web.Response:
+        self._hit(request)
+        return web.Response(text="<html>Sorry, this product is gone</html>", content_type="text/html")
+
+    async def big(self, request: web.Request) -> web.Response:
+        self._hit(request)
+        return web.Response(body=BIG, content_type="image/jpeg")
+
+    async def big_stream(self, request: web.Request) -> web.StreamResponse:
+        """Chunked, no Content-Length: the cap must hold while streaming."""
+        self._hit(request)
+        resp = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        try:
+            for _ in range(100):
+                await resp.write(b"y" * 65536)
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass  # the client hung up, as it should
+        return resp
+
+    async def flaky(self, request: web.Request) -> web.Response:
+        """503 on the first request, the image afterwards."""
+        if self._hit(request) == 1:
+            return web.Response(status=503, text="try again")
+        return web.Response(body=GOOD, content_type="image/jpeg")
+
+    async def busy(self, request: web.Request) -> web.Response:
+        """429 with Retry-After: 0 on the first request, the image afterwards."""
+        if self._hit(request) == 1:
+            return web.Response(status=429, headers={"Retry-After": "0"})
+        return web.Response(body=GOOD, content_type="image/jpeg")
+
+    async def redirect(self, request: web.Request) -> web.Response:
+        self._hit(request)
+        raise web.HTTPFound(f"/good/{request.match_info['name']}")
+
+    async def held(self, request: web.Request) -> web.Response:
+        """Holds each request a moment and records how many overlap."""
+        self._hit(request)
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            await asyncio.sleep(0.05)
+        finally:
+            self.active -= 1
+        return web.Response(body=GOOD, content_type="image/jpeg")
+
+
+@pytest.fixture(scope="module")
+def image_server() -> Iterator[ImageServer]:
+    server = ImageServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+async def fetch(url: str, settings: FetchSettings = FAST) -> bytes:
+    async with Fetcher(settings) as fetcher:
+        return await fetcher.get(url)
+
+
+async def test_good_image_is_returned_byte_for_byte(image_server: ImageServer) -> None:
+    assert await fetch(image_server.url("/good/a.jpg")) == GOOD
+    assert await fetch(image_server.url("/redirect/b.jpg")) == GOOD
+
+
+async def test_404_fails_at_once_without_retry(image_server: ImageServer) -> None:
+    with pytest.raises(FetchError, match="HTTP 404") as err:
+        await fetch(image_server.url("/missing/a.jpg"))
+    assert err.value.reason == "http_404"
+    assert image_server.hits["/missing/a.jpg"] == 1
+
+
+async def test_slow_server_times_out_after_every_retry(image_server: ImageServer) -> None:
+    with pytest.raises(FetchError, match="no complete answer within 0.5 s") as err:
+        await fetch(image_server.url("/slow/a.jpg"))
+    assert err.value.reason == "timeout"
+    assert image_server.hits["/slow/a.jpg"] == FAST.retries + 1
+
+
+async def test_failing_once_then_succeeding_is_retried(image_server: ImageServer) -> None:
+    async with Fetcher(FAST) as fetcher:
+        assert await fetcher.get(image_server.url("/flaky/a.jpg")) == GOOD
+        assert await fetcher.get(image_server.url("/busy/a.jpg")) == GOOD
+        assert fetcher.attempts == 4
+    assert image_server.hits["/flaky/a.jpg"] == 2
+    assert image_server.hits["/busy/a.jpg"] == 2
+
+
+async def test_no_retries_means_one_attempt(image_server: ImageServer) -> None:
+    with pytest.raises(FetchError, match="HTTP 503") as err:
+        await fetch(image_server.url("/flaky/once.jpg"), FetchSettings(retries=0))
+    assert err.value.reason == "http_503"
+    assert image_server.hits["/flaky/once.jpg"] == 1
+
+
+@pytest.mark.parametrize("route", ["/big/a.jpg", "/big-stream/a.jpg"])
+async def test_body_over_the_cap_is_refused(image_server: ImageServer, route: str) -> None:
+    with pytest.raises(FetchError, match="too large") as err:
+        await fetch(image_server.url(route))
+    assert err.value.reason == "too_large"
+    assert image_server.hits[route] == 1  # size is final: no retry
+
+
+async def test_not_an_image_is_returned_for_the_decoder_to_refuse(image_server: ImageServer) -> None:
+    from ffengine.errors import ImageRejected
+    from ffengine.images import load_image
+
+    body = await fetch(image_server.url("/text/a.jpg"))
+    with pytest.raises(ImageRejected) as err:
+        load_image(body)
+    assert err.value.reason == "not_image"
+
+
+async def test_concurrency_is_bounded(image_server: ImageServer) -> None:
+    image_server.max_active = 0
+    settings = FetchSettings(concurrency=3, timeout_s=5)
+    async with Fetcher(settings) as fetcher:
+        bodies = await asyncio.gather(*(fetcher.get(image_server.url(f"/held/{i}.jpg")) for i in range(12)))
+    assert bodies == [GOOD] * 12
+    assert 2 <= image_server.max_active <= 3
+
+
+async def test_refused_connection_is_retried_then_reported() -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    async with Fetcher(FAST) as fetcher:
+        with pytest.raises(FetchError, match="connection failed") as err:
+            await fetcher.get(f"http://127.0.0.1:{port}/a.jpg")
+        assert fetcher.attempts == FAST.retries + 1
+    assert err.value.reason == "connection"
+
+
+async def test_get_outside_context_is_a_usage_error() -> None:
+    with pytest.raises(RuntimeError, match="async with"):
+        await Fetcher().get("http://127.0.0.1:9/a.jpg")
+
+
+def test_settings_are_validated() -> None:
+    with pytest.raises(ValueError):
+        FetchSettings(concurrency=0)
+    with pytest.raises(ValueError):
+        FetchSettings(retries=-1)
+
+
+def test_redact_url_drops_credentials_query_and_fragment() -> None:
+    from ffengine.fetch import redact_url
+
+    assert redact_url("https://user:pw@cdn.example:8443/a/b.jpg?X-Amz-Signature=abc#f") == "https://cdn.example:8443/a/b.jpg?..."
+    assert redact_url("http://cdn.example/a.jpg") == "http://cdn.example/a.jpg"

@@ -1,0 +1,133 @@
+"""The frame every training run shares: lock, ``training_runs`` row, progress, clean failure.
+
+Inside :func:`training_run` a run may write files into folders it lists in
+``run.made``; if it fails (an exception, a cancellation) before it registers them as
+a model version, they are removed and the row is closed as ``failed`` with the error.
+Nothing that is active is touched by a failing run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from ffengine.config import EngineSettings
+from ffengine.db import Database
+from ffengine.errors import FFError
+from train.lock import training_lock
+
+log = logging.getLogger(__name__)
+
+#: ``progress(fraction 0..1, text)``; may be called from any thread.
+Progress = Callable[[float, str], None]
+
+
+#: ``TrainingResult.status`` -> ``training_runs.status``.
+RUN_STATUS = {"promoted": "succeeded", "unevaluated": "succeeded", "rejected": "rejected", "insufficient": "rejected"}
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    """The outcome of a training run (the bot's ``RetrainResult``; see :mod:`train`)."""
+
+    status: str  # promoted | rejected (not better) | insufficient (too little data) | unevaluated (nothing to compare on)
+    version: str | None  # the registered model version (None when nothing was trained)
+    metrics: dict[str, Any]
+    reason: str  # one sentence for people
+    run_id: int | None = None
+
+    @property
+    def promoted(self) -> bool:
+        return self.status == "promoted"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "promoted": self.promoted,
+            "version": self.version,
+            "reason": self.reason,
+            "run_id": self.run_id,
+            "metrics": self.metrics,
+        }
+
+
+class Run:
+    """One training run in progress: report with :meth:`say` (any thread) or :meth:`step` (on the loop)."""
+
+    def __init__(self, db: Database, run_id: int, progress: Progress | None) -> None:
+        self.db, self.id, self.progress = db, run_id, progress
+        self.made: list[Path] = []
+        self.finished = False
+
+    def say(self, fraction: float, text: str) -> None:
+        """From any thread: only the callback (training steps are too many for the database)."""
+        log.info("training run %d %3.0f%%: %s", self.id, 100 * fraction, text)
+        if self.progress is not None:
+            try:
+                self.progress(fraction, text)
+            except Exception:  # noqa: BLE001 - a broken progress display must not stop training
+                log.exception("progress callback failed")
+
+    async def step(self, fraction: float, text: str) -> None:
+        """On the loop: the callback and a log line with progress in the ``training_runs`` row."""
+        self.say(fraction, text)
+        await self.db.update_training_run(self.id, progress=fraction, log_line=text)
+
+    def within(self, start: float, end: float, prefix: str) -> Progress:
+        """A callback mapping 0..1 of a sub-task onto ``start..end`` of the run."""
+        return lambda f, text: self.say(start + (end - start) * f, f"{prefix}: {text}")
+
+    async def finish(self, result: TrainingResult) -> TrainingResult:
+        """Close the row with what the run produced; returns ``result`` with the run id."""
+        version = await self.db.get_model_version(result.version) if result.version else None
+        await self.db.update_training_run(self.id, log_line=result.reason)
+        await self.db.finish_training_run(
+            self.id, RUN_STATUS[result.status], model_version_id=version.id if version else None, metrics=result.metrics
+        )
+        self.finished = True
+        return replace(result, run_id=self.id)
+
+
+async def close_dead_runs(db: Database) -> None:
+    """Under the lock no other run is alive, so a row still ``running`` belongs to a process that died."""
+    for run in await db.list_training_runs(limit=20):
+        if run.status == "running":
+            log.warning("training run %d was left running by a process that died; marking it failed", run.id)
+            await db.update_training_run(run.id, log_line="the process running this died (crash or kill); closed by the next run")
+            await db.finish_training_run(run.id, "failed", metrics={"error": "interrupted"})
+
+
+@asynccontextmanager
+async def training_run(
+    db: Database, settings: EngineSettings, kind: str, params: dict[str, Any], progress: Progress | None
+) -> AsyncIterator[Run]:
+    """Hold the lock and a ``running`` row for the block; on any failure clean up and record it."""
+    with training_lock(settings.data_dir, kind) as stale:
+        if stale is not None:
+            log.warning("took over the training lock from %s, which died", stale.describe())
+        await close_dead_runs(db)
+        run = Run(db, await db.start_training_run(kind, params), progress)
+        try:
+            yield run
+        except BaseException as exc:
+            for folder in run.made:  # written but never registered: nothing refers to it
+                shutil.rmtree(folder, ignore_errors=True)
+            message = str(exc) if isinstance(exc, FFError) else f"{type(exc).__name__}: {exc}"
+            await asyncio.shield(record_failure(db, run.id, message))
+            raise
+        if not run.finished:
+            await record_failure(db, run.id, "the run ended without a result")
+
+
+async def record_failure(db: Database, run_id: int, message: str) -> None:
+    try:
+        await db.update_training_run(run_id, log_line=f"failed: {message}")
+        await db.finish_training_run(run_id, "failed", metrics={"error": message[:500]})
+    except Exception:  # noqa: BLE001 - the original error matters more
+        log.exception("could not record the failure of training run %d", run_id)

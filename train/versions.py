@@ -1,0 +1,143 @@
+"""Model versions on disk and in the database: where a new one goes, which one answers, rollback.
+
+A version is a row in ``model_versions`` (weights spec + index directory) and, when
+``train/`` made it, a folder ``<data_dir>/models/<name>/`` holding its files. Versions
+are never deleted by training; switching back is :func:`rollback`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ffengine.config import EngineSettings
+from ffengine.db import Database, ModelVersion
+from ffengine.index import Index, read_manifest
+from ffengine.weights import looks_like_path
+from train.errors import TrainingError
+
+#: The version the bot registers on first start from FFENGINE_WEIGHTS and FFENGINE_INDEX.
+BASE_VERSION = "base"
+METRICS_FILE = "metrics.json"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class Current:
+    """What answers now: the active version (``None`` if the database has none yet) or the settings' base."""
+
+    version: ModelVersion | None
+    weights: str
+    index_dir: Path
+
+    @property
+    def name(self) -> str:
+        return self.version.name if self.version else BASE_VERSION
+
+    @property
+    def id(self) -> int | None:
+        return self.version.id if self.version else None
+
+
+def weights_spec(weights: str) -> str:
+    """A weights setting as stored in a version: files as absolute paths, torchvision names as they are."""
+    return str(Path(weights).expanduser().resolve()) if looks_like_path(weights) else weights
+
+
+async def ensure_current(db: Database, settings: EngineSettings) -> Current:
+    """The active version; on a database that has none, register the settings' base (as the bot does at start)."""
+    active = await db.active_model_version()
+    if active is None:
+        base = await db.get_model_version(BASE_VERSION)
+        if base is None:
+            index_dir = settings.index_dir.resolve()
+            if not (index_dir / "manifest.json").is_file():
+                raise TrainingError(f"no active model version and no index at {index_dir}; build one with `ffengine index build`")
+            base = await db.create_model_version(
+                BASE_VERSION, weights_spec(settings.weights), str(index_dir), notes="registered by train/ from FFENGINE_WEIGHTS and FFENGINE_INDEX"
+            )
+        active = await db.activate_model_version(base.id)
+    return Current(active, active.weights, Path(active.index_dir))
+
+
+def new_version_name(kind: str, taken: set[str]) -> str:
+    """``feedback-20250101-120000`` (UTC), with a suffix if that name is taken."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    name, n = f"{kind}-{stamp}", 1
+    while name in taken:
+        n += 1
+        name = f"{kind}-{stamp}-{n}"
+    return name
+
+
+def check_version_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise TrainingError(f"model version names are 1-64 letters, digits, '.', '_' or '-' (starting with a letter or digit); got {name!r}")
+    return name
+
+
+def version_dir(settings: EngineSettings, name: str) -> Path:
+    return settings.models_dir / check_version_name(name)
+
+
+async def claim_version(db: Database, settings: EngineSettings, kind: str, name: str | None) -> tuple[str, Path]:
+    """A free version name (``name`` or ``<kind>-<UTC time>``) and its not yet existing folder."""
+    taken = {v.name for v in await db.list_model_versions()}
+    name = name or new_version_name(kind, taken)
+    folder = version_dir(settings, name)
+    if name in taken or folder.exists():
+        raise TrainingError(f"a model version named {name!r} (or its folder {folder}) already exists; choose another name")
+    return name, folder
+
+
+def write_metrics(folder: Path, metrics: dict[str, Any]) -> None:
+    """``metrics.json`` beside the version's files (atomic), so the folder explains itself."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{METRICS_FILE}.tmp"
+    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, folder / METRICS_FILE)
+
+
+def check_loadable(version: ModelVersion) -> None:
+    """Refuse to switch to a version whose index is gone or broken (reads the manifest and checksums)."""
+    index_dir = Path(version.index_dir)
+    Index.load(index_dir)  # raises IndexLoadError with a clear message
+    if looks_like_path(version.weights) and not Path(version.weights).is_file():
+        raise TrainingError(f"model version {version.name}: its weights file {version.weights} is missing")
+
+
+async def rollback(db: Database, name: str) -> ModelVersion:
+    """Make ``name`` (a version name or id) the active version again, after checking that it loads."""
+    key: int | str = int(name) if name.isdigit() and await db.get_model_version(name) is None else name
+    version = await db.get_model_version(key)
+    if version is None:
+        raise TrainingError(f"no model version {name!r}; `python -m train models` lists them")
+    await asyncio.to_thread(check_loadable, version)
+    return await db.activate_model_version(version.id)
+
+
+def describe(version: ModelVersion) -> dict[str, Any]:
+    """A JSON-able summary of a version for ``models`` listings."""
+    fingerprint = None
+    try:
+        fingerprint = read_manifest(Path(version.index_dir)).get("fingerprint")
+    except Exception:  # noqa: BLE001 - a listing shows what it can; rollback checks properly
+        fingerprint = None
+    return {
+        "id": version.id,
+        "name": version.name,
+        "active": version.active,
+        "parent_id": version.parent_id,
+        "created_at": version.created_at.isoformat(),
+        "weights": version.weights,
+        "index_dir": version.index_dir,
+        "fingerprint": fingerprint,
+        "metrics": version.metrics or {},
+        "notes": version.notes,
+    }
