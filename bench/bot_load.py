@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import logging
 import multiprocessing as mp
 import os
 import platform
@@ -73,17 +72,23 @@ class Watcher:
         self.task = asyncio.get_running_loop().create_task(self.run())
 
     async def run(self) -> None:
+        pending: list[Any] = []  # calls whose parameters are still being read
         while True:
             calls = self.fake.calls
-            for call in calls[self.seen : len(calls)]:
-                if call.method == "sendMessage":
-                    text, chat = call.params.get("text"), call.params.get("chat_id")
-                    outcome = "ok" if text == self.results_text else self.refusals.get(text)
-                    fut = self.waiting.get(chat)
-                    if outcome and fut and not fut.done():
-                        fut.set_result((outcome, call.time))
-            self.seen = len(calls)
+            fresh, self.seen = calls[self.seen : len(calls)], len(calls)
+            pending = [c for c in pending + [c for c in fresh if c.method == "sendMessage"] if not self.settle(c)]
             await asyncio.sleep(0.002)
+
+    def settle(self, call: Any) -> bool:
+        """Resolve the waiting shopper if ``call`` (a finished sendMessage) answers them."""
+        if call.result is None:
+            return False
+        text, chat = call.params.get("text"), call.params.get("chat_id")
+        outcome = "ok" if text == self.results_text else self.refusals.get(text)
+        fut = self.waiting.get(chat)
+        if outcome and fut and not fut.done():
+            fut.set_result((outcome, call.time))
+        return True
 
     def expect(self, chat_id: int) -> asyncio.Future:
         fut = asyncio.get_running_loop().create_future()
@@ -91,12 +96,12 @@ class Watcher:
         return fut
 
 
-async def shopper(fake: Any, watcher: Watcher, uid: int, photos: list[bytes], n: int, out: list[dict]) -> None:
-    """Closed loop: send a photo, wait for the answer, send the next."""
+async def shopper(fake: Any, watcher: Watcher, uid: int, photos: list[bytes], first: int, n: int, out: list[dict]) -> None:
+    """Closed loop: send a photo, wait for the answer, send the next (photos ``first``, ``first + 1``...)."""
     for i in range(n):
         answered = watcher.expect(uid)
-        sent = time.monotonic()
-        fake.user_sends_photo(uid, photos[(uid * 7 + i) % len(photos)])
+        fake.user_sends_photo(uid, photos[(first + i) % len(photos)])
+        sent = time.monotonic()  # the update is queued for the bot now
         outcome, at = await asyncio.wait_for(answered, 300)
         out.append({"outcome": outcome, "latency_ms": (at - sent) * 1000})
 
@@ -113,9 +118,9 @@ async def drive(conn: Connection, photo_paths: list[str]) -> None:
         while (job := await asyncio.to_thread(conn.recv)) is not None:
             users, per_user, first_uid = job
             out: list[dict] = []
-            start = time.monotonic()
-            await asyncio.gather(*(shopper(fake, watcher, first_uid + u, photos, per_user, out) for u in range(users)))
-            conn.send((out, time.monotonic() - start))
+            start, cpu = time.monotonic(), time.process_time()
+            await asyncio.gather(*(shopper(fake, watcher, first_uid + u, photos, u * per_user, per_user, out) for u in range(users)))
+            conn.send((out, time.monotonic() - start, time.process_time() - cpu))
         watcher.task.cancel()
 
 
@@ -139,8 +144,10 @@ def percentile(values: list[float], q: float) -> float | None:
 async def level(conn: Connection, svc: Any, users: int, per_user: int, first_uid: int) -> dict[str, Any]:
     batcher = svc.batcher
     batches, searched, busy = batcher.batches, batcher.searched, batcher.model_seconds
+    cpu = time.process_time()  # all of the bot's threads: event loop, model, decoding, database
     conn.send((users, per_user, first_uid))
-    out, wall = await asyncio.to_thread(conn.recv)
+    out, wall, fake_cpu = await asyncio.to_thread(conn.recv)
+    bot_cpu = time.process_time() - cpu
     ok = [r["latency_ms"] for r in out if r["outcome"] == "ok"]
     n_batches, n_searched = batcher.batches - batches, batcher.searched - searched
     # the bot's own log: photo received -> results ready (download, decode, queue, model, index)
@@ -158,6 +165,9 @@ async def level(conn: Connection, svc: Any, users: int, per_user: int, first_uid
         "wall_s": round(wall, 2),
         "mean_batch": round(n_searched / n_batches, 2) if n_batches else None,
         "model_busy_share": round((batcher.model_seconds - busy) / wall, 2),
+        "bot_cpu_ms_per_search": round(1000 * bot_cpu / max(1, len(out)), 1),
+        "model_ms_per_search": round(1000 * (batcher.model_seconds - busy) / max(1, n_searched), 1),
+        "fake_telegram_cpu_ms_per_search": round(1000 * fake_cpu / max(1, len(out)), 1),
         "logged_latency_p50_ms": round(percentile(logged, 0.5) or 0, 1),
         "logged_latency_p95_ms": round(percentile(logged, 0.95) or 0, 1),
     }
@@ -197,9 +207,14 @@ async def one_run(args: argparse.Namespace, rate_limit: float, photo_paths: list
         root = await asyncio.to_thread(conn.recv)
         async with bot_running(root, args, rate_limit) as svc:
             model = svc.models.current
+            cfg = svc.settings
             results.update(model_version=model.name, catalogue=len(model.index), runtime=model.embedder.runtime,
-                           device=str(model.embedder.device))  # fmt: skip
-            await level(conn, svc, 2, 3, 900_000)  # warm-up: caches, threads, connections
+                           device=str(model.embedder.device), distinct_photos=len(photo_paths),
+                           bot_settings={"queue_size": cfg.queue_size, "batch_size": cfg.batch_size,
+                                         "batch_wait_ms": cfg.batch_wait_ms, "concurrent_updates": cfg.concurrent_updates})  # fmt: skip
+            # warm-up: every query photo once, so that the products they show have their Telegram
+            # file_id (steady state: a catalogue photo is uploaded only the first time it is shown)
+            await level(conn, svc, 5, -(-len(photo_paths) // 5), 900_000)
             levels = []
             for n, users in enumerate(args.levels):
                 per_user = max(args.min_per_user, args.searches // users)
@@ -207,8 +222,9 @@ async def one_run(args: argparse.Namespace, rate_limit: float, photo_paths: list
                 levels.append(row)
                 print(f"rate {rate_limit:g}/s  users {users:3d}: p50 {row['latency_p50_ms']:7.1f} ms  p95 {row['latency_p95_ms']:7.1f} ms  "
                       f"{row['throughput_per_s']:6.2f}/s  batch {row['mean_batch']}  model busy {row['model_busy_share']:.0%}  "
+                      f"cpu/search bot {row['bot_cpu_ms_per_search']} ms (model {row['model_ms_per_search']}) fake {row['fake_telegram_cpu_ms_per_search']} ms  "
                       f"logged p50 {row['logged_latency_p50_ms']} ms  refused {row['refused']}", flush=True)  # fmt: skip
-            conn.send(None)
+        conn.send(None)  # the bot has stopped: now "Telegram" may go
     finally:
         driver.join(30)
         if driver.is_alive():
@@ -217,7 +233,8 @@ async def one_run(args: argparse.Namespace, rate_limit: float, photo_paths: list
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    photo_paths = [str(p) for p in sorted(args.queries.glob("*/*.jpg"))][: args.photos]
+    every = sorted(args.queries.glob("*/*.jpg"))
+    photo_paths = [str(p) for p in every[:: max(1, len(every) // args.photos)]][: args.photos]  # all classes
     if not photo_paths:
         raise SystemExit(f"no query photos under {args.queries}")
     results: dict[str, Any] = {"runs": []}
@@ -238,15 +255,18 @@ def main() -> None:
     parser.add_argument("--rate-limits", type=lambda s: [float(x) for x in s.split(",")], default=[30.0, 0.0])
     parser.add_argument("--searches", type=int, default=60, help="searches per level (spread over its users)")
     parser.add_argument("--min-per-user", type=int, default=3)
-    parser.add_argument("--photos", type=int, default=300, help="distinct query photos to cycle through")
+    parser.add_argument("--photos", type=int, default=40, help="distinct query photos to cycle through (all sent once to warm up)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "bot_load.json")
     args = parser.parse_args()
     for path in (args.catalog, args.weights, args.queries):
         if not path.exists():
             raise SystemExit(f"needs {path} (../shared); not present on this machine")
-    logging.basicConfig(level=logging.WARNING)
+    from bot.logs import setup_logging
+
+    setup_logging([TOKEN], os.environ.get("BOT_LOAD_LOG", "WARNING"))
     WORK.mkdir(parents=True, exist_ok=True)
     build = ensure_index(args.catalog, args.weights, args.index)
+    load_before = [round(v, 2) for v in os.getloadavg()]
     results = asyncio.run(run(args))
     results.update(
         build=build,
@@ -254,7 +274,7 @@ def main() -> None:
         weights=args.weights.name,
         queries=str(args.queries.relative_to(SHARED) if args.queries.is_relative_to(SHARED) else args.queries),
         machine={"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                 "load_avg_after": [round(v, 2) for v in os.getloadavg()]},  # fmt: skip
+                 "load_avg_before": load_before, "load_avg_after": [round(v, 2) for v in os.getloadavg()]},  # fmt: skip
         latency="photo queued at the fake Bot API -> rating keyboard received there (album sent before it)",
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)

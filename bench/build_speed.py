@@ -12,7 +12,10 @@ Measures, on this machine:
 * ``sequential_shipped``: the shipped embedder one photo at a time (no pipeline), to
   separate what the pipeline brings from what the runtime brings;
 * the lowest cosine similarity between pipeline and plain-loop features on that subset
-  (speed must not change the answer).
+  (speed must not change the answer);
+* CPU time per image (all threads): of the whole build, and of decoding and of the model
+  each run alone. CPU time is what a busy machine distorts least: 2000 / (CPU ms per
+  image) bounds what two idle cores could do.
 
 Writes ``bench/results/build_speed.json``. Other work on the machine skews the numbers:
 the load average before and after is recorded; run it when the machine is quiet.
@@ -79,6 +82,26 @@ def cosine_min(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum(axis=1).min())
 
 
+def cpu_s() -> float:
+    """CPU seconds used by this process so far, all threads (ONNX Runtime's pool included)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def stage_costs(paths: list[str], embedder: object, batch_size: int) -> dict[str, float]:
+    """CPU ms per image of each stage run alone: read + decode + prepare, then the model."""
+    from ffengine.images import load_image
+
+    started = cpu_s()
+    pixels = np.concatenate([embedder.prepare([load_image(Path(p).read_bytes())]) for p in paths])  # type: ignore[attr-defined]
+    decode = cpu_s() - started
+    started = cpu_s()
+    for i in range(0, len(pixels), batch_size):
+        embedder.embed_arrays(pixels[i : i + batch_size])  # type: ignore[attr-defined]
+    model = cpu_s() - started
+    return {"decode_prepare": round(1000 * decode / len(paths), 2), "model": round(1000 * model / len(paths), 2)}
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
@@ -127,14 +150,18 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="ff-bench-") as tmp:
         cache = Path(tmp) / "cache"
+        cpu_before = cpu_s()
         build = build_index(args.catalog, Path(tmp) / "index", embedder, cache_dir=cache, progress=args.progress, limit=args.limit, **options)
         result["build"] = {
             "products": build.products,
             "skipped": len(build.skipped),
             "embedded": build.embedded,
             "seconds": round(build.seconds, 2),
+            "embed_seconds": round(build.embed_seconds, 2),
+            "index_seconds": round(build.index_seconds, 2),
             "images_per_s": round(build.images_per_s, 1),
             "peak_rss_mb": round(peak_rss_mb()),
+            "cpu_ms_per_image": round(1000 * (cpu_s() - cpu_before) / build.products, 2),
         }
         print(f"build:   {build.summary(max_problems=3)}", file=sys.stderr)
         rebuild = build_index(args.catalog, Path(tmp) / "index", embedder, cache_dir=cache, progress=args.progress, limit=args.limit, **options)
@@ -156,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         result["plain_loop"] = {"images": len(paths), "seconds": round(plain_s, 2), "images_per_s": round(len(paths) / plain_s, 1)}
         seq_s = sequential(paths, embedder)
         result["sequential_shipped"] = {"images": len(paths), "seconds": round(seq_s, 2), "images_per_s": round(len(paths) / seq_s, 1)}
+        result["stage_cpu_ms_per_image"] = stage_costs(paths, embedder, options["batch_size"])
         result["min_cosine_pipeline_vs_plain"] = round(cosine_min(index.features[rows], plain_feats[rows]), 5)
     result["speedup_vs_plain_loop"] = round(result["build"]["images_per_s"] / result["plain_loop"]["images_per_s"], 1)  # type: ignore[index]
     result["load_average_after"] = [round(v, 2) for v in os.getloadavg()]

@@ -14,7 +14,8 @@ One run measures, on the real MobileNetV2 weights and real catalogue photos:
 * ``prepare`` throughput: decode (``load_image``) + resize/crop (``prepare``) of catalog-10k
   photos and of the larger query photos, 1 and 2 threads, against the foundation's
   resize-then-crop;
-* with ``--sweep``: our ONNX runner's micro-batch size and thread spinning at batch 32 and 1.
+* with ``--sweep``: our ONNX runner's micro-batch size and thread spinning (off, 300 us,
+  ORT's default) at batch 32 and 1.
 
 Writes ``bench/results/embed_speed.json`` and prints a markdown table.
 Run: ``.venv/bin/python bench/embed_speed.py`` (about 3-5 minutes on 2 idle cores).
@@ -157,7 +158,8 @@ def agreement(runs: dict[str, tuple[Run, bool]], pixels: np.ndarray, base: Basel
 
 def precision_at_5(runs: dict[str, tuple[Run, bool]], embedder: Embedder, base: Baselines, n_catalogue: int) -> dict:
     """Category precision@5 of the test query photos against ``n_catalogue`` catalogue photos."""
-    rows = catalogue_rows()[:: max(1, len(catalogue_rows()) // n_catalogue)][:n_catalogue]
+    every = catalogue_rows()
+    rows = every[:: max(1, len(every) // n_catalogue)][:n_catalogue]
     root = SHARED / "datasets" / "catalog-10k"
     cat_pixels = prepare_all([root / r["image"] for r in rows], embedder)
     queries = query_rows("test")
@@ -240,13 +242,13 @@ def sweep(embedder: Embedder, pixels: np.ndarray, rounds: int) -> list[dict]:
     net: FeatureNet = embedder._net  # the shipped network, exported the shipped way
     data, _, _ = runtime_onnx.cached_export(net, embedder.preprocess.input_size, None, "sweep")
     rows = []
-    for spinning in (False, True):
+    for spin_us in (0, 300, None):
         for micro in (1, 2, 4, 8, 32):
-            runner = OnnxRunner(data, micro_batch=micro, spinning=spinning)
+            runner = OnnxRunner(data, micro_batch=micro, spin_us=spin_us)
             for batch in (1, 32) if micro == 1 else (32,):
                 per = throughput({"r": (runner, False)}, pixels, None, batch, rounds, 64)["r"]  # type: ignore[arg-type]
-                rows.append({"spinning": spinning, "micro_batch": micro, "batch": batch, "img_s": round(statistics.median(per), 1)})
-                print(f"  sweep spinning={spinning} micro={micro} batch={batch}: {rows[-1]['img_s']} img/s", flush=True)
+                rows.append({"spin_us": "ORT default" if spin_us is None else spin_us, "micro_batch": micro, "batch": batch, "img_s": round(statistics.median(per), 1)})
+                print(f"  sweep spin_us={spin_us} micro={micro} batch={batch}: {rows[-1]['img_s']} img/s", flush=True)
     return rows
 
 
@@ -306,7 +308,7 @@ def main() -> None:
             "load_average_before": load_before,
             "load_average_after": load_avg(),
         },
-        "shipped": {"name": shipped, "runtime": embedder.runtime, "micro_batch": runtime_onnx.MICRO_BATCH},
+        "shipped": {"name": shipped, "runtime": embedder.runtime, "micro_batch": runtime_onnx.MICRO_BATCH, "spin_us": runtime_onnx.SPIN_US},
         "throughput": speed,
         "agreement_vs_torch_fp32": agree,
         "precision_at_5": quality,
@@ -339,9 +341,9 @@ def print_table(result: dict) -> None:
             f"| {p['decode_prepare_1_thread_img_s']} | {p['decode_prepare_2_threads_img_s']} |"
         )
     if "sweep" in result:
-        print("\n| spinning | micro-batch | batch | img/s |\n| --- | ---: | ---: | ---: |")
+        print("\n| spin (us) | micro-batch | batch | img/s |\n| --- | ---: | ---: | ---: |")
         for row in result["sweep"]:
-            print(f"| {row['spinning']} | {row['micro_batch']} | {row['batch']} | {row['img_s']} |")
+            print(f"| {row['spin_us']} | {row['micro_batch']} | {row['batch']} | {row['img_s']} |")
 
 
 if __name__ == "__main__":

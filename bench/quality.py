@@ -41,7 +41,7 @@ from ffengine.build import embed_catalog  # noqa: E402
 from ffengine.catalog import Product  # noqa: E402
 from ffengine.embedder import Embedder  # noqa: E402
 from ffengine.evaluate import PrecisionReport, category_precision, embed_photos, read_category_map, read_queries  # noqa: E402
-from ffengine.index import DEFAULT_OPTIONS, DEFAULT_REDUCTION, Index, Reduction  # noqa: E402
+from ffengine.index import DEFAULT_BACKEND, DEFAULT_OPTIONS, DEFAULT_REDUCTION, Index, Reduction  # noqa: E402
 from ffengine.recommend import Recommendation, Recommender  # noqa: E402
 
 CANDIDATES = [
@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return {s: category_precision(rec.recommend_features(qfeats[s], 5), labels[s], cmap) for s in split_names}
 
     # 1. the study: raw features, BallTree, plain top 5
-    study_index = Index(feats, products, fingerprint=embedder.fingerprint, projection=Reduction(None, False).fit(feats), options={"coarse_dims": None})
+    study_index = Index(feats, products, fingerprint=embedder.fingerprint, projection=Reduction(None, False).fit(feats), backend="balltree", options={"coarse_dims": None})
     study = {}
     for s in splits:
         dist, idx = study_index.search(qfeats[s], 5)
@@ -165,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "tuning": tuning,
         "tuned_choice": best_label,
         "tuned_test": tuned_test.to_json(),
-        "default": {"reduction": DEFAULT_REDUCTION.label(), "options": DEFAULT_OPTIONS["balltree"], "test": default_test.to_json()},
+        "default": {"reduction": DEFAULT_REDUCTION.label(), "backend": DEFAULT_BACKEND, "options": DEFAULT_OPTIONS[DEFAULT_BACKEND], "test": default_test.to_json()},
         "cli_end_to_end": cli,
         "seconds": round(time.perf_counter() - started, 1),
         "load_average_before": [round(x, 2) for x in load_before],

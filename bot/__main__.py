@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     except SQLAlchemyError as exc:
         reason = scrub(str(getattr(exc, "orig", None) or exc))[:300]
         return fail(f"cannot open the database at DATABASE_URL ({type(exc).__name__}: {reason}).")
+    except OSError as exc:  # e.g. BOT_WEBHOOK_PORT already in use, an unwritable FFENGINE_DATA_DIR
+        return fail(scrub(f"start-up failed: {exc}"))
     except KeyboardInterrupt:
         pass
     return 0

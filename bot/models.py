@@ -49,6 +49,12 @@ class ActiveModel:
         return features, self.recommender.recommend_features(features, k=k)
 
 
+def catalogue_changed(old: ActiveModel, new: ActiveModel) -> bool:
+    """Whether the product table must be refreshed: not for a retrain over the same catalogue."""
+    old_hash, new_hash = old.index.manifest.get("catalog_hash"), new.index.manifest.get("catalog_hash")
+    return not new_hash or new_hash != old_hash
+
+
 class ModelLoader:
     """Builds :class:`ActiveModel` s, sharing one backbone between versions with the same weights
     (a feedback retrain only changes the index's projection, not the network)."""
@@ -111,6 +117,8 @@ class ModelSwitch:
             if version is None:
                 raise NotFound(f"no model version {version_id_or_name!r}; /models lists them")
             model = await asyncio.to_thread(self.loader.load, version)
+            if catalogue_changed(self._current, model):  # a changed photo forgets its old Telegram file_id
+                await db.upsert_products(model.index.products)
             await db.activate_model_version(version.id)
             previous, self._current = self._current, model
             self.loader.keep_only([version.weights])

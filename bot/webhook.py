@@ -41,7 +41,11 @@ class WebhookServer:
         """Listen, then tell Telegram where to send updates (with the secret)."""
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.settings.webhook_listen, self.settings.webhook_port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError:  # e.g. the port is taken: nothing may stay half-open
+            await self._runner.cleanup()
+            raise
         sockets = getattr(site._server, "sockets", None) or []  # the real port when 0 was asked for
         self.port = sockets[0].getsockname()[1] if sockets else self.settings.webhook_port
         log.info("webhook server listening on %s:%s%s", self.settings.webhook_listen, self.port, self.settings.webhook_path)

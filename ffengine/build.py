@@ -83,6 +83,9 @@ class BuildReport:
     catalog_hash: str
     fingerprint: str
     downloaded: int = 0
+    #: Of ``seconds``: reading + embedding, and writing the index (0 until it is written).
+    embed_seconds: float = 0.0
+    index_seconds: float = 0.0
     out_dir: Path | None = None
     catalog: Path | None = None
 
@@ -110,6 +113,8 @@ class BuildReport:
             "downloaded": self.downloaded,
             "seconds": round(self.seconds, 3),
             "images_per_s": round(self.images_per_s, 1),
+            "embed_seconds": round(self.embed_seconds, 3),
+            "index_seconds": round(self.index_seconds, 3),
             "catalog_hash": self.catalog_hash,
             "fingerprint": self.fingerprint,
             "out_dir": None if self.out_dir is None else str(self.out_dir),
@@ -128,7 +133,7 @@ class EmbeddedCatalog:
 
 
 def build_index(
-    catalog_path: str | os.PathLike[str],
+    catalog_path: str | os.PathLike[str] | CatalogReadResult,
     out_dir: str | os.PathLike[str],
     embedder: FeatureExtractor,
     *,
@@ -140,7 +145,8 @@ def build_index(
     workers: int | None = None,
     **index_options: Any,
 ) -> BuildReport:
-    """Import ``catalog_path``, embed it (reusing ``cache_dir``) and write the index to ``out_dir``.
+    """Import ``catalog_path`` (or an already read catalogue), embed it (reusing ``cache_dir``)
+    and write the index to ``out_dir``.
 
     ``index_options`` go to :func:`ffengine.index.write_index` (``backend``, ``projection``,
     ``leaf_size``...). Blocking: from async code use ``asyncio.to_thread``.
@@ -153,6 +159,7 @@ def build_index(
         catalog_path, embedder, cache_dir=cache_dir, progress=progress, limit=limit, fetch=fetch, batch_size=batch_size, workers=workers
     )
     report = result.report
+    index_started = time.perf_counter()
     report.out_dir = write_index(
         out_dir,
         result.features,
@@ -161,6 +168,7 @@ def build_index(
         catalog_hash=report.catalog_hash,
         **index_options,
     )
+    report.index_seconds = time.perf_counter() - index_started
     report.seconds = time.perf_counter() - started
     report.images_per_s = report.products / report.seconds if report.seconds > 0 else 0.0
     log.info("index build: %s", report.summary(max_problems=0))
@@ -245,6 +253,7 @@ async def aembed_catalog(
         cached=run.cached,
         seconds=seconds,
         images_per_s=len(products) / seconds if seconds > 0 else 0.0,
+        embed_seconds=seconds,
         catalog_hash=digest,
         fingerprint=embedder.fingerprint,
         downloaded=run.downloaded,

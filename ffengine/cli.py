@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ffengine.config import EngineSettings, check_device, database_url, load_dotenv_file
 from ffengine.errors import FFError, ImageRejected
+from ffengine.index import BACKENDS, DEFAULT_BACKEND
 
 #: Photos embedded per forward pass by ``recommend`` (bounds memory for long photo lists).
 RECOMMEND_BATCH = 32
@@ -199,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--catalog", required=True, type=Path, help="catalogue file (.csv or .jsonl)")
     build.add_argument("--out", required=True, type=Path, help="index directory to write (replaced atomically)")
     add_model_flags(build)
-    build.add_argument("--backend", choices=("balltree", "exact"), default="balltree", help="search backend (default: balltree)")
+    build.add_argument("--backend", choices=BACKENDS, default=DEFAULT_BACKEND, help=f"search backend (default: {DEFAULT_BACKEND})")
     build.add_argument("--pca", type=int, metavar="DIMS", help="PCA dimensions (0 = keep all 1280); default: the tuned reduction")
     build.add_argument("--no-l2", action="store_true", help="with --pca: do not L2-normalise features first")
     build.add_argument("--cache", type=Path, help="embedding cache directory (default: $FFENGINE_DATA_DIR/cache)")

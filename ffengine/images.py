@@ -140,17 +140,23 @@ def _wide_to_l(img: Image.Image) -> Image.Image:
 
 
 def square_crop(img: Image.Image, resize: int, size: int) -> np.ndarray:
-    """Resize the shorter side to ``resize`` and centre-crop ``size`` x ``size``; HWC uint8.
+    """torchvision's ``Resize(resize)`` + ``CenterCrop(size)`` on a PIL image, as HWC uint8.
 
-    Same picture as torchvision's ``Resize(resize)`` + ``CenterCrop(size)``, but done as one
-    resample of just the cropped region straight to ``size`` (``box=``): no full-size
-    intermediate, so a 1x5000 strip or a 50 MP photo costs the same as a thumbnail.
-    Downscaling is antialiased (PIL's bilinear filter widens with the scale factor).
+    Same pixels (to +-1 from float rounding), but done as one resample of just the cropped
+    region straight to ``size`` (``box=``): no full-size intermediate, so it is about twice as
+    fast, and a 1x5000 strip or a 50 MP photo costs no more memory than a thumbnail. The
+    geometry is torchvision's exactly (integer resized size, rounded crop offset), so an
+    index built here matches the study's extractor. Downscaling is antialiased (PIL's
+    bilinear filter widens with the scale); beyond 6x, PIL first reduces by whole factors.
     """
     if img.mode != "RGB":
         img = _to_rgb(img)
     w, h = img.size
-    side = min(w, h) * size / resize  # the crop, measured in source pixels
-    left, top = (w - side) / 2, (h - side) / 2
-    out = img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side), reducing_gap=3.0)
+    # torchvision: the shorter side becomes ``resize``, the longer is truncated to an int ...
+    rw, rh = (resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize)
+    # ... then the crop starts at the rounded centre offset of that resized picture.
+    left, top = round((rw - size) / 2), round((rh - size) / 2)
+    sx, sy = w / rw, h / rh  # source pixels per resized pixel
+    box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+    out = img.resize((size, size), Image.Resampling.BILINEAR, box=box, reducing_gap=3.0)
     return np.asarray(out, dtype=np.uint8)

@@ -10,9 +10,14 @@ An index is a directory (see docs/ARCHITECTURE.md)::
     products.jsonl         one ``Product.to_json()`` per line, row order = vector order
 
 Nothing in it is executable: arrays load with ``np.load(allow_pickle=False)``, the rest is JSON,
-and the search tree is rebuilt at load instead of being unpickled. Writes are atomic: the new
+and search structures are rebuilt at load instead of being unpickled. Writes are atomic: the new
 index is written to a sibling ``<out>.tmp-XXXX`` directory, fsynced, then swapped in by rename,
 so :meth:`Index.load` never sees a half-written directory.
+
+Search is Euclidean in the projected space. Backends: ``shortlist`` (default: brute force over a
+small PCA copy for a few hundred candidates, re-ranked exactly), ``balltree`` (scikit-learn's
+BallTree, as in the study) and ``exact`` (brute force, the yardstick). README and
+bench/index_speed.py say why the default is what it is.
 """
 
 from __future__ import annotations
@@ -45,8 +50,8 @@ MANIFEST_FILE = "manifest.json"
 PCA_FIT_ROWS = 20_000
 #: Scratch memory for exact re-ranking (bytes of gathered candidate vectors at a time).
 RERANK_BLOCK_BYTES = 16 << 20
-#: Rows for the BallTree's coarse PCA, fitted at every load (it only picks candidates, so a rough fit will do).
-COARSE_FIT_ROWS = 5_000
+#: Rows for the shortlist's PCA, fitted at every load (it only picks candidates, so a sample will do).
+COARSE_FIT_ROWS = 2_000
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -180,107 +185,156 @@ class Searcher(Protocol):
 
 
 class ExactSearcher:
-    """Brute force: every query against every vector (the yardstick, and fast at small d)."""
+    """Brute force: every query against every vector (the yardstick the others are measured against)."""
 
     def __init__(self, vectors: np.ndarray) -> None:
         self.vectors = vectors
         self.sq_norms = np.einsum("ij,ij->i", vectors, vectors)
 
+    def candidates(self, queries: np.ndarray, c: int) -> np.ndarray:
+        """The ``c`` nearest rows per query, unordered (no exact re-rank)."""
+        return nearest_rows(self.vectors, queries, c, self.sq_norms)
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return exact_search(self.vectors, queries, k, self.sq_norms)
+
+
+def nearest_rows(vectors: np.ndarray, queries: np.ndarray, c: int, sq_norms: np.ndarray) -> np.ndarray:
+    """``(m, c)`` rows with the smallest ``|v|^2 - 2 q.v`` (= squared distance minus ``|q|^2``), unordered."""
+    n = len(vectors)
+    c = min(c, n)
+    out = np.empty((len(queries), c), np.int64)
+    step = max(1, (32 << 20) // max(n * 4, 1))  # ~32 MB of scores at a time
+    for start in range(0, len(queries), step):
+        scores = sq_norms[None, :] - 2.0 * (queries[start : start + step] @ vectors.T)
+        if c < n:
+            out[start : start + step] = np.argpartition(scores, c - 1, axis=1)[:, :c]
+        else:
+            out[start : start + step] = np.arange(n)
+    return out
 
 
 def exact_search(
     vectors: np.ndarray, queries: np.ndarray, k: int, sq_norms: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """k nearest rows of ``vectors`` for each query, ascending distance.
+    """k nearest rows of ``vectors`` for each query, ascending distance (ties: lower row first).
 
     Candidates come from the ``|v|^2 - 2 q.v`` expansion; their distances are then
     recomputed from differences so that near-duplicates get exact (tiny) distances.
     """
-    n = len(vectors)
-    k = min(k, n)
     if sq_norms is None:
         sq_norms = np.einsum("ij,ij->i", vectors, vectors)
-    m = len(queries)
-    dist = np.empty((m, k), np.float32)
-    idx = np.empty((m, k), np.int64)
-    step = max(1, (32 << 20) // max(n * 4, 1))  # ~32 MB of scores at a time
-    for start in range(0, m, step):
-        q = queries[start : start + step]
-        scores = sq_norms[None, :] - 2.0 * (q @ vectors.T)
-        if k < n:
-            cand = np.argpartition(scores, k - 1, axis=1)[:, :k]
-        else:
-            cand = np.broadcast_to(np.arange(n), scores.shape)
-        dist[start : start + step], idx[start : start + step] = rerank(vectors, q, np.asarray(cand, np.int64), k)
-    return dist, idx
+    k = min(k, len(vectors))
+    return rerank(vectors, queries, nearest_rows(vectors, queries, k, sq_norms), k)
 
 
 class BallTreeSearcher:
-    """scikit-learn's BallTree, Euclidean, as in the study; rebuilt from the vectors at load.
+    """scikit-learn's BallTree, Euclidean, as in the study; rebuilt from the vectors at load."""
 
-    A BallTree prunes well in tens of dimensions but degenerates to a slow brute force
-    at 1280. With ``coarse_dims`` the tree indexes a PCA of the vectors (fitted here,
-    at load, on at most :data:`COARSE_FIT_ROWS` rows), fetches ``shortlist`` candidates
-    and ranks them by their exact distance in the full vector space: the answer is
-    the exact one whenever the true neighbours are in the shortlist (bench/index_speed.py
-    measures how often).
-    """
-
-    def __init__(self, vectors: np.ndarray, leaf_size: int = 40, coarse_dims: int | None = None, shortlist: int = 100) -> None:
+    def __init__(self, vectors: np.ndarray, leaf_size: int = 40) -> None:
         from sklearn.neighbors import BallTree
 
-        self.vectors = vectors
-        self.shortlist = shortlist
-        self.coarse: Projection | None = None
-        data = vectors
-        if coarse_dims and coarse_dims < min(vectors.shape):
-            self.coarse = Reduction(coarse_dims).fit(vectors, max_rows=COARSE_FIT_ROWS)
-            data = self.coarse.apply(vectors)
-        self.tree = BallTree(data, leaf_size=leaf_size, metric="euclidean")
+        self.tree = BallTree(vectors, leaf_size=leaf_size, metric="euclidean")
+
+    def candidates(self, queries: np.ndarray, c: int) -> np.ndarray:
+        return self.tree.query(queries, k=min(c, self.tree.data.shape[0]), return_distance=False).astype(np.int64)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        n = self.tree.data.shape[0]
-        k = min(k, n)
-        if self.coarse is None:
-            dist, idx = self.tree.query(queries, k=k, return_distance=True, sort_results=True)
-            return dist.astype(np.float32), idx.astype(np.int64)
-        cand = self.tree.query(self.coarse.apply(queries), k=min(max(self.shortlist, k), n), return_distance=False)
-        return rerank(self.vectors, queries, cand.astype(np.int64), k)
+        dist, idx = self.tree.query(queries, k=min(k, self.tree.data.shape[0]), return_distance=True, sort_results=True)
+        return dist.astype(np.float32), idx.astype(np.int64)
 
 
-def rerank(vectors: np.ndarray, queries: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` nearest of each query's candidate rows by exact distance (ties: lower row first).
+class ShortlistSearcher:
+    """Candidates from a PCA of the vectors, then their exact distances in the full vector space.
 
-    Distances come from differences (no cancellation for near-duplicates), computed in blocks
-    of about :data:`RERANK_BLOCK_BYTES` so that memory stays flat for any candidate count.
+    A search reads every vector it scores; at 44k x 1280 that is 227 MB per query. Scoring a
+    ``coarse_dims`` PCA copy instead (:func:`quick_pca`, fitted here, at load) and re-ranking ``shortlist`` candidates exactly gives the exact answer whenever the true
+    neighbours make the shortlist; bench/index_speed.py measures how often (recall@5).
+    ``inner`` searches the PCA copy: brute force (backend ``shortlist``) or a BallTree.
     """
-    m, c = cand.shape
-    dim = vectors.shape[1]
-    d = np.empty((m, c), np.float32)
-    per_block = max(1, RERANK_BLOCK_BYTES // (4 * dim))  # candidate rows gathered at a time
-    queries_per_block = max(1, per_block // max(c, 1))
-    col_step = min(c, per_block)
-    for start in range(0, m, queries_per_block):
-        q = queries[start : start + queries_per_block, None, :]
-        for col in range(0, c, col_step):
-            diffs = vectors[cand[start : start + queries_per_block, col : col + col_step]] - q
-            d[start : start + queries_per_block, col : col + col_step] = np.sqrt(np.einsum("mkd,mkd->mk", diffs, diffs))
+
+    def __init__(self, vectors: np.ndarray, coarse_dims: int, shortlist: int, inner: Any = ExactSearcher) -> None:
+        self.vectors = vectors
+        self.sq_norms = np.einsum("ij,ij->i", vectors, vectors)
+        self.shortlist = shortlist
+        self.coarse = quick_pca(vectors, coarse_dims)
+        self.inner = inner(self.coarse.apply(vectors))
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        k = min(k, len(self.vectors))
+        cand = self.inner.candidates(self.coarse.apply(queries), max(self.shortlist, k))
+        return rerank(self.vectors, queries, cand, k, self.sq_norms)
+
+
+def quick_pca(vectors: np.ndarray, dims: int, rows: int = COARSE_FIT_ROWS, seed: int = 0) -> Projection:
+    """The top ``dims`` principal axes of a fixed sample, by randomized SVD: cheap enough to redo at every load.
+
+    It only picks candidates (the re-rank is exact), so an approximate fit costs nothing in the answer.
+    """
+    from sklearn.utils.extmath import randomized_svd
+
+    sample = vectors if len(vectors) <= rows else vectors[np.sort(np.random.default_rng(seed).choice(len(vectors), rows, replace=False))]
+    mean = sample.mean(axis=0, dtype=np.float64).astype(np.float32)
+    _, _, vt = randomized_svd(sample - mean, dims, n_iter=2, random_state=seed)
+    return Projection(mean, vt.T.astype(np.float32))
+
+
+def rerank(
+    vectors: np.ndarray, queries: np.ndarray, cand: np.ndarray, k: int, sq_norms: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest of each query's candidate rows, ascending distance (ties: lower row first).
+
+    With more candidates than ``k`` (and ``sq_norms``, the vectors' squared lengths) they are first
+    scored by ``|v|^2 - 2 q.v``, one matrix-vector product; the best ``k`` then get distances from
+    differences, exact also for near-duplicates. Work is done in blocks of about
+    :data:`RERANK_BLOCK_BYTES` so that memory stays flat for any candidate count.
+    """
+    if sq_norms is not None and cand.shape[1] > k:
+        scores = np.empty(cand.shape, np.float32)
+        for rows, cols in blocks(cand.shape, vectors.shape[1]):
+            c = cand[rows, cols]
+            gathered = vectors[c]  # (m, c, d)
+            scores[rows, cols] = sq_norms[c] - 2.0 * np.matmul(gathered, queries[rows, :, None])[..., 0]
+        cand = np.take_along_axis(cand, np.argpartition(scores, k - 1, axis=1)[:, :k], 1)
+    d = np.empty(cand.shape, np.float32)
+    for rows, cols in blocks(cand.shape, vectors.shape[1]):
+        diffs = vectors[cand[rows, cols]] - queries[rows, None, :]
+        d[rows, cols] = np.sqrt(np.einsum("mkd,mkd->mk", diffs, diffs))
     order = np.lexsort((cand, d), axis=1)[:, :k]
     return np.take_along_axis(d, order, 1), np.take_along_axis(cand, order, 1)
 
 
+def blocks(shape: tuple[int, int], dim: int) -> list[tuple[slice, slice]]:
+    """(query rows, candidate columns) blocks gathering about :data:`RERANK_BLOCK_BYTES` of vectors each."""
+    m, c = shape
+    per_block = max(1, RERANK_BLOCK_BYTES // (4 * dim))
+    col_step = max(1, min(c, per_block))
+    row_step = max(1, per_block // col_step)
+    return [(slice(r, r + row_step), slice(j, j + col_step)) for r in range(0, m, row_step) for j in range(0, c, col_step)]
+
+
 #: Options each backend takes (``write_index(**options)``), with their smallest allowed value.
-BACKEND_OPTIONS: dict[str, dict[str, int]] = {"balltree": {"leaf_size": 1, "coarse_dims": 1, "shortlist": 1}, "exact": {}}
+BACKEND_OPTIONS: dict[str, dict[str, int]] = {
+    "shortlist": {"coarse_dims": 1, "shortlist": 1},
+    "balltree": {"leaf_size": 1, "coarse_dims": 1, "shortlist": 1},
+    "exact": {},
+}
 BACKENDS = tuple(BACKEND_OPTIONS)
-#: What a backend uses when the caller names no options; chosen from bench/index_speed.py (see README).
-DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {"balltree": {"leaf_size": 40, "coarse_dims": 64, "shortlist": 200}, "exact": {}}
+#: What an index uses unless told otherwise; chosen from bench/index_speed.py (see README).
+DEFAULT_BACKEND = "shortlist"
+#: A backend's options when the caller names none (``coarse_dims=None``: no PCA shortlist, search the vectors).
+DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
+    "shortlist": {"coarse_dims": 64, "shortlist": 400},
+    "balltree": {"leaf_size": 40, "coarse_dims": None, "shortlist": 400},
+    "exact": {},
+}
 
 
 def effective_options(backend: str, options: dict[str, Any] | None) -> dict[str, Any]:
-    """The backend's defaults overridden by ``options`` (``coarse_dims=None`` turns the coarse stage off)."""
-    merged = {**DEFAULT_OPTIONS.get(backend, {}), **(options or {})}
+    """The backend's defaults overridden by ``options``."""
+    if backend not in BACKEND_OPTIONS:
+        raise ValueError(f"unknown index backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    merged = {**DEFAULT_OPTIONS[backend], **(options or {})}
     check_options(backend, merged)
     return merged
 
@@ -298,15 +352,18 @@ def check_options(backend: str, options: dict[str, Any]) -> None:
 
 
 def make_searcher(backend: str, vectors: np.ndarray, options: dict[str, Any]) -> Searcher:
-    check_options(backend, options)
+    """The searcher for ``backend``; a PCA shortlist only when it is smaller than the vectors."""
+    options = effective_options(backend, options)
+    if backend == "exact":
+        return ExactSearcher(vectors)
+    inner: Any = ExactSearcher
     if backend == "balltree":
-        return BallTreeSearcher(
-            vectors,
-            leaf_size=int(options.get("leaf_size", 40)),
-            coarse_dims=options.get("coarse_dims"),
-            shortlist=int(options.get("shortlist", 100)),
-        )
-    return ExactSearcher(vectors)
+        leaf = int(options["leaf_size"])
+        inner = lambda data: BallTreeSearcher(data, leaf)  # noqa: E731
+    coarse = options.get("coarse_dims")
+    if coarse and coarse < min(vectors.shape):
+        return ShortlistSearcher(vectors, int(coarse), int(options["shortlist"]), inner)
+    return inner(vectors)
 
 
 class Index:
@@ -319,7 +376,7 @@ class Index:
         *,
         fingerprint: str,
         projection: Projection,
-        backend: str = "balltree",
+        backend: str = DEFAULT_BACKEND,
         manifest: dict[str, Any] | None = None,
         vectors: np.ndarray | None = None,
         path: Path | None = None,
@@ -333,6 +390,7 @@ class Index:
         self.products = list(products)
         self.projection = projection
         self.vectors = projection.apply(self.features) if vectors is None else vectors
+        self.sq_norms = np.einsum("ij,ij->i", self.vectors, self.vectors)
         self.fingerprint = fingerprint
         self.backend = backend
         self.options = effective_options(backend, options)
@@ -364,8 +422,8 @@ class Index:
             m = len(as_features(feats, self.dim, "query features"))
             return np.zeros((m, 0), np.float32), np.zeros((m, 0), np.int64)
         queries = self.projection.apply(as_features(feats, self.dim, "query features"))
-        dist, sub = exact_search(self.vectors[rows], queries, k)
-        return dist, rows[sub]
+        cand = np.broadcast_to(rows, (len(queries), len(rows)))  # no copy of the rows' vectors
+        return rerank(self.vectors, queries, cand, min(k, len(rows)), self.sq_norms)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], expect_fingerprint: str | None = None) -> Index:
@@ -412,7 +470,7 @@ def write_index(
     *,
     fingerprint: str,
     catalog_hash: str,
-    backend: str = "balltree",
+    backend: str = DEFAULT_BACKEND,
     projection: Projection | Reduction | None = None,
     **options: Any,
 ) -> Path:
@@ -420,7 +478,7 @@ def write_index(
 
     ``projection`` is a fitted :class:`Projection`, a :class:`Reduction` to fit on
     ``features``, or ``None`` for :data:`DEFAULT_REDUCTION`. ``options`` are backend
-    options (balltree: ``leaf_size``, ``coarse_dims``, ``shortlist``; defaults in
+    options (``coarse_dims`` and ``shortlist``; ``leaf_size`` for the BallTree; defaults in
     :data:`DEFAULT_OPTIONS`) and are recorded in the manifest.
     """
     options = effective_options(backend, options)

@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import dataclasses
 import io
+import logging
 import socket
 import sqlite3
 import threading
@@ -38,6 +40,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 ADMIN = 4242
 N_PRODUCTS = 16
 TOKEN = "123456789:AAHtestTokenForTheBotTests-abcdefgh"
+REMOTE = "https://img.shop.example/photos"
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class EngineFiles:
     catalog: Path
     index: Path
     small_index: Path  # the first 8 products only: a second "model version" to switch to
+    remote_index: Path  # the same 8 products with their photos on the web (http URLs)
 
 
 def write_catalog(root: Path, n: int) -> Path:
@@ -70,6 +74,7 @@ def engine_files(tmp_path_factory: pytest.TempPathFactory) -> EngineFiles:
 
     from ffengine.build import build_index
     from ffengine.embedder import Embedder
+    from ffengine.index import Index, write_index
     from ffengine.weights import Preprocess, save_weights
 
     root = tmp_path_factory.mktemp("bot-engine")
@@ -81,7 +86,10 @@ def engine_files(tmp_path_factory: pytest.TempPathFactory) -> EngineFiles:
     assert report.products == N_PRODUCTS and not report.skipped
     small = build_index(catalog, root / "small-index", embedder, progress=False, limit=8)
     assert small.products == 8
-    return EngineFiles(weights, catalog, root / "index", root / "small-index")
+    local = Index.load(root / "small-index")
+    remote = [dataclasses.replace(p, image=f"{REMOTE}/{p.id}.jpg") for p in local.products]
+    write_index(root / "remote-index", local.features, remote, fingerprint=local.fingerprint, catalog_hash="remote-photos")
+    return EngineFiles(weights, catalog, root / "index", root / "small-index", root / "remote-index")
 
 
 def bot_env(fake: FakeBotAPI, files: EngineFiles, data_dir: Path, **extra: str) -> dict[str, str]:
@@ -466,6 +474,79 @@ async def test_admin_rollback_switches_model_without_restart(shop: Running, engi
     assert len(shop.rows("SELECT 1 FROM feedback WHERE user_id=120")) == 1
 
 
+async def seed_consistent_feedback(shop: Running, n: int, first_uid: int) -> None:
+    """``n`` logged searches whose shoppers like products p0-p7 and dislike p8-p15 whenever shown: a
+    taste the search does not know yet (logged through the same database calls the bot makes; the
+    rating path itself is tested above)."""
+    from ffengine.images import load_image
+
+    model, db = shop.svc.models.current, shop.svc.db
+    images = [load_image(make_image(3000 + i, size=(140, 180))) for i in range(n)]
+    feats, recs = await asyncio.to_thread(model.search_batch, images, 5)
+    for i in range(n):
+        record = await db.record_search(first_uid + i, None, feats[i], model.version_id, 50.0, "ok", [(r.product.id, r.distance) for r in recs[i]])
+        for rec, rec_id in zip(recs[i], record.recommendation_ids, strict=True):
+            await db.rate(first_uid + i, rec_id, 1 if int(rec.product.id[1:]) < 8 else -1)
+
+
+async def test_admin_retrain_switches_to_the_new_version_and_rollback_switches_back(shop: Running) -> None:
+    await seed_consistent_feedback(shop, 45, 2000)
+
+    def replies() -> list[str]:
+        return [t for t in shop.texts_to(ADMIN) if t.startswith(("🏋️", "✅", "❌", "ℹ️", "⏳"))]
+
+    before = len(replies())
+    shop.fake.user_sends_command(ADMIN, "retrain")
+    shop.fake.user_sends_command(ADMIN, "retrain")  # only one at a time
+    await shop.fake.wait_for(lambda f: any(t.startswith("⏳ A retraining is already running") for t in replies()[before:]))
+    await shop.fake.wait_for(lambda f: any(t.startswith(("✅", "❌", "ℹ️")) for t in replies()[before:]), timeout=120)
+    report = next(t for t in replies()[before:] if t.startswith(("✅", "❌", "ℹ️")))
+    assert report.startswith("✅ Now answering with feedback-"), report
+    assert "Metrics: searches=" in report
+    [(new_id, name)] = shop.rows("SELECT id, name FROM model_versions WHERE is_active")
+    assert name.startswith("feedback-") and shop.svc.models.current.name == name
+    assert shop.rows("SELECT status FROM training_runs ORDER BY id DESC LIMIT 1") == [("succeeded",)]
+    await shop.search(2100, make_image(78))
+    assert shop.rows("SELECT model_version_id FROM searches WHERE user_id=2100") == [(new_id,)]
+    shop.fake.user_sends_command(ADMIN, "rollback", "base")
+    await shop.fake.wait_for(lambda f: shop.texts_to(ADMIN)[-1].startswith("✅ Now answering with base"))
+    await shop.search(2101, make_image(78))
+    assert shop.rows("SELECT model_version_id FROM searches WHERE user_id=2101") == [(1,)]
+    assert shop.rows("SELECT name FROM model_versions WHERE is_active") == [("base",)]
+
+
+async def test_web_photos_are_sent_by_url_and_an_unreachable_one_still_gets_an_answer(shop: Running, engine_files: EngineFiles) -> None:
+    await shop.svc.db.create_model_version("remote", str(engine_files.weights), str(engine_files.remote_index))
+    await shop.svc.models.activate(shop.svc.db, "remote")
+    try:
+        jpeg = make_image(61)
+        await shop.search(150, jpeg)
+        [first] = shop.fake.calls_of("sendMediaGroup", chat_id=150)
+        assert [m.kind for m in first.media] == ["url"] * 5 and all(m.ref.startswith(REMOTE) for m in first.media)
+        await wait_file_ids_stored(shop, 150)
+        await shop.search(151, jpeg)
+        assert [m.kind for m in shop.fake.calls_of("sendMediaGroup", chat_id=151)[0].media] == ["file_id"] * 5
+        # a product whose photo Telegram cannot fetch: the answer comes as text, with the same keyboard
+        unseen = {f"p{i}" for i in range(8)} - {r[0] for r in shop.rows("SELECT id FROM products WHERE photo_file_id IS NOT NULL")}
+        for pid in unseen:
+            shop.fake.fail_url(f"{REMOTE}/{pid}.jpg")
+        jpeg = await first_image_showing(shop, unseen)
+        keyboard = await shop.search(152, jpeg)
+        listing = next(m["text"] for m in shop.fake.messages_to(152) if m.get("text", "").startswith("1. Product "))
+        assert listing.count("https://shop.example/p/") == 5 and len(buttons(keyboard)) == 5
+    finally:
+        await shop.svc.models.activate(shop.svc.db, "base")
+
+
+async def first_image_showing(shop: Running, products: set[str]) -> bytes:
+    """A generated picture whose answer (by the current model) includes one of ``products``."""
+    from ffengine.images import load_image
+
+    candidates = [make_image(n) for n in range(200, 260)]
+    _, recs = await asyncio.to_thread(shop.svc.models.current.search_batch, [load_image(c) for c in candidates], 5)
+    return next(c for c, found in zip(candidates, recs, strict=True) if products & {r.product.id for r in found})
+
+
 async def test_stale_photo_file_ids_are_replaced(shop: Running) -> None:
     jpeg = make_image(55)
     await shop.search(130, jpeg)
@@ -476,8 +557,19 @@ async def test_stale_photo_file_ids_are_replaced(shop: Running) -> None:
     await shop.search(131, jpeg)
     tries = shop.fake.calls_of("sendMediaGroup", chat_id=131)
     assert [c.status for c in tries] == [400, 200] and [m.kind for m in tries[1].media] == ["upload"] * 5
+    await shop.fake.wait_for(lambda f: all(fid != "AgACAgStale" for _, fid in shop.rows("SELECT id, photo_file_id FROM products")))
     fresh = dict(shop.rows("SELECT id, photo_file_id FROM products"))
-    assert all(fresh[p] != "AgACAgStale" for p in shown)
+    assert {fresh[p] for p in shown} == {m["photo"][-1]["file_id"] for m in shop.fake.messages_to(131) if "photo" in m}
+
+
+async def test_a_user_who_blocked_the_bot_costs_nothing(shop: Running, caplog: pytest.LogCaptureFixture) -> None:
+    uid = 135
+    caplog.set_level(logging.INFO, logger="bot.handlers.errors")
+    shop.fake.user_blocks_bot(uid)
+    shop.fake.user_sends_photo(uid, make_image(15))
+    await shop.fake.wait_for(lambda f: any("could not answer update" in r.getMessage() and f"user {uid}" in r.getMessage() for r in caplog.records))
+    assert not [t for t in shop.texts_to(ADMIN) if t.startswith("⚠️")]  # not an error worth an admin's time
+    await shop.search(136, make_image(15))  # everyone else is served
 
 
 async def test_errors_are_logged_apologised_for_and_sent_to_admins_rate_limited(shop: Running, caplog: pytest.LogCaptureFixture) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -245,6 +246,9 @@ def test_build_index_writes_a_searchable_index(tmp_path: Path, random_embedder: 
     cat = make_shop(tmp_path / "shop", 5, first_seed=20)
     report = build_index(cat, tmp_path / "idx", random_embedder, cache_dir=tmp_path / "cache", progress=False, backend="exact")
     assert report.out_dir == tmp_path / "idx" and report.products == 5 and report.images_per_s > 0
+    assert 0 < report.embed_seconds and 0 < report.index_seconds and report.embed_seconds + report.index_seconds <= report.seconds
+    as_json = json.loads(json.dumps(report.to_json()))
+    assert as_json["products"] == 5 and as_json["out_dir"] == str(tmp_path / "idx") and as_json["skipped"] == []
     index = Index.load(tmp_path / "idx", expect_fingerprint=random_embedder.fingerprint)
     assert len(index) == 5 and index.manifest["catalog_hash"] == report.catalog_hash
     dist, rows = index.search(index.features, k=1)

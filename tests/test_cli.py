@@ -15,7 +15,7 @@ from PIL import Image
 from torchvision.models import mobilenet_v2
 
 from ffengine.cli import main
-from ffengine.index import Index
+from ffengine.index import DEFAULT_BACKEND, Index
 from ffengine.weights import Preprocess, save_weights
 from tests.conftest import make_image
 
@@ -160,7 +160,7 @@ def test_unwritable_sheet_is_one_clear_line(store: Path, monkeypatch: pytest.Mon
 
 def test_index_info_describes_the_index(store: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = in_process(["index", "info", "idx"], store, monkeypatch, capsys)
-    assert code == 0 and f"{GOOD} products" in out and "backend balltree" in out
+    assert code == 0 and f"{GOOD} products" in out and f"backend {DEFAULT_BACKEND}" in out
     assert Index.load(store / "idx").fingerprint in out
 
 

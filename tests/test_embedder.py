@@ -344,3 +344,31 @@ def test_real_features_find_the_same_product_in_another_view(real_pair, shared):
     assert (sims.argmax(axis=1) == np.arange(len(views))).all(), sims.argmax(axis=1)
     # ... and a product is nearer to its own other view than to a different product.
     assert (np.diag(sims) > np.sort(sims, axis=1)[:, -2] - 1e-9).all()
+
+
+def test_matches_the_torchvision_reference_pipeline(real_pair, real_weights, shared):
+    """Resize(256) + CenterCrop(224) + Normalize, then features + average pool: the study's extractor."""
+    from torchvision import transforms
+
+    from ffengine.weights import resolve_weights
+
+    onnx_emb, _ = real_pair
+    resolved = resolve_weights(str(real_weights))
+    prep = resolved.preprocess
+    reference = mobilenet_v2(weights=None)
+    reference.load_state_dict({**reference.state_dict(), **resolved.state_dict})
+    reference.eval()
+    to_input = transforms.Compose(
+        [
+            transforms.Resize(prep.resize),
+            transforms.CenterCrop(prep.input_size),
+            transforms.ToTensor(),
+            transforms.Normalize(prep.mean, prep.std),
+        ]
+    )
+    paths = [p for _, p in catalogue_sample(shared, 1, CATEGORIES)]
+    paths += sorted(shared("datasets", "queries", "validation").glob("*/*.jpg"))[::80][:6]
+    imgs = [load_image(p) for p in paths]
+    with torch.inference_mode():
+        want = reference.features(torch.stack([to_input(img) for img in imgs])).mean(dim=(2, 3)).numpy()
+    assert cosine_rows(onnx_emb.embed(imgs), want).min() > 0.999  # pixels agree to +-1 (float rounding)

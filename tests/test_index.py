@@ -17,7 +17,11 @@ import pytest
 from ffengine.catalog import Product
 from ffengine.errors import FFError, IndexLoadError
 from ffengine.index import (
+    DEFAULT_BACKEND,
+    BallTreeSearcher,
     DEFAULT_OPTIONS,
+    ExactSearcher,
+    ShortlistSearcher,
     DEFAULT_REDUCTION,
     Index,
     Projection,
@@ -76,7 +80,7 @@ def test_round_trip_keeps_everything(built: tuple[Path, np.ndarray, list[Product
     np.testing.assert_array_equal(index.features, feats)
     np.testing.assert_allclose(index.vectors, index.projection.apply(feats), rtol=1e-5, atol=1e-6)
     m = index.manifest
-    assert (m["fingerprint"], m["dim"], m["vector_dim"], m["backend"], m["catalog_hash"]) == ("model-a", DIM, 16, "balltree", "cat1")
+    assert (m["fingerprint"], m["dim"], m["vector_dim"], m["backend"], m["catalog_hash"]) == ("model-a", DIM, 16, DEFAULT_BACKEND, "cat1")
     assert m["projection"]["recipe"] == asdict(Reduction(16, True))
     assert m["created"].endswith("Z")
     assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.json", *m["files"]])
@@ -111,7 +115,7 @@ def test_default_reduction_is_used_and_small_catalogues_skip_pca(tmp_path: Path)
     big = Index.load(write_index(tmp_path / "big", feats, products(400), fingerprint="m", catalog_hash="c"))
     assert big.manifest["projection"]["recipe"] == asdict(DEFAULT_REDUCTION)
     assert big.manifest["vector_dim"] == (DEFAULT_REDUCTION.dims or 300)
-    assert big.manifest["options"] == DEFAULT_OPTIONS["balltree"]
+    assert big.manifest["backend"] == DEFAULT_BACKEND and big.manifest["options"] == DEFAULT_OPTIONS[DEFAULT_BACKEND]
     small = Index.load(write_index(tmp_path / "small", features(5, dim=300), products(5), fingerprint="m", catalog_hash="c"))
     assert small.manifest["vector_dim"] == 300 and small.projection.normalize_input == DEFAULT_REDUCTION.normalize_input
     pca = Index.load(write_index(tmp_path / "pca", features(5, dim=300), products(5), fingerprint="m", catalog_hash="c", projection=Reduction(200)))
@@ -126,8 +130,10 @@ def test_backend_options_are_checked(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown index backend 'annoy'"):
         write_index(tmp_path / "i", features(5), products(5), fingerprint="m", catalog_hash="c", backend="annoy")
     assert not (tmp_path / "i").exists()
-    plain = write_index(tmp_path / "p", features(5), products(5), fingerprint="m", catalog_hash="c", coarse_dims=None)
-    assert Index.load(plain).searcher.coarse is None
+    plain = write_index(tmp_path / "p", features(50), products(50), fingerprint="m", catalog_hash="c", coarse_dims=None)
+    assert isinstance(Index.load(plain).searcher, ExactSearcher)
+    short = write_index(tmp_path / "s", features(50), products(50), fingerprint="m", catalog_hash="c", coarse_dims=4, shortlist=9)
+    assert isinstance(Index.load(short).searcher, ShortlistSearcher) and Index.load(short).searcher.shortlist == 9
 
 
 def test_other_model_is_refused_with_a_clear_message(built: tuple[Path, np.ndarray, list[Product]]) -> None:
@@ -275,24 +281,29 @@ def test_balltree_matches_exact_search(reduction: Reduction) -> None:
     np.testing.assert_allclose(d1, d2, rtol=1e-4, atol=1e-5)
 
 
-def test_balltree_with_a_coarse_pca_shortlist_reranks_exactly() -> None:
+@pytest.mark.parametrize(("backend", "block_rows"), [("shortlist", None), ("balltree", None), ("shortlist", 3)])
+def test_pca_shortlist_reranks_exactly(backend: str, block_rows: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    if block_rows:  # score and re-rank candidates 3 gathered rows at a time: same answer
+        monkeypatch.setattr("ffengine.index.RERANK_BLOCK_BYTES", 4 * DIM * block_rows)
     rng = np.random.default_rng(8)
     # intrinsically 8-d data in 48 dims: an 8-d PCA shortlist holds the true neighbours
     feats = (rng.normal(size=(800, 8)) @ rng.normal(size=(8, DIM)) + 0.01 * rng.normal(size=(800, DIM))).astype(np.float32)
     q = (rng.normal(size=(30, 8)) @ rng.normal(size=(8, DIM))).astype(np.float32)
-    exact = Index(feats, products(800), fingerprint="m", projection=Projection.identity(DIM), backend="exact")
-    coarse = Index(feats, products(800), fingerprint="m", projection=Projection.identity(DIM), options={"coarse_dims": 8, "shortlist": 20})
-    assert coarse.searcher.coarse is not None and coarse.searcher.tree.data.shape == (800, 8)
-    (d1, i1), (d2, i2) = coarse.search(q, 5), exact.search(q, 5)
+    ident = Projection.identity(DIM)
+    exact = Index(feats, products(800), fingerprint="m", projection=ident, backend="exact")
+    short = Index(feats, products(800), fingerprint="m", projection=ident, backend=backend, options={"coarse_dims": 8, "shortlist": 20})
+    assert isinstance(short.searcher, ShortlistSearcher) and short.searcher.coarse.out_dim == 8
+    assert isinstance(short.searcher.inner, BallTreeSearcher if backend == "balltree" else ExactSearcher)
+    (d1, i1), (d2, i2) = short.search(q, 5), exact.search(q, 5)
     np.testing.assert_array_equal(i1, i2)
     np.testing.assert_allclose(d1, d2, rtol=1e-5)  # distances are the full-space ones
     # on full-rank noise a 2-d shortlist misses neighbours, but a shortlist of everything cannot
-    noise = features(300, seed=9)
-    narrow = Index(noise, products(300), fingerprint="m", projection=Projection.identity(DIM), options={"coarse_dims": 2, "shortlist": 5})
-    wide = Index(noise, products(300), fingerprint="m", projection=Projection.identity(DIM), options={"coarse_dims": 2, "shortlist": 300})
-    truth = exact_search(noise, features(30, seed=10), 5)[1]
-    assert not np.array_equal(narrow.search(features(30, seed=10), 5)[1], truth)
-    np.testing.assert_array_equal(wide.search(features(30, seed=10), 5)[1], truth)
+    noise, q2 = features(300, seed=9), features(30, seed=10)
+    narrow = Index(noise, products(300), fingerprint="m", projection=ident, backend=backend, options={"coarse_dims": 2, "shortlist": 5})
+    wide = Index(noise, products(300), fingerprint="m", projection=ident, backend=backend, options={"coarse_dims": 2, "shortlist": 300})
+    truth = exact_search(noise, q2, 5)[1]
+    assert not np.array_equal(narrow.search(q2, 5)[1], truth)
+    np.testing.assert_array_equal(wide.search(q2, 5)[1], truth)
 
 
 @pytest.mark.parametrize("block_rows", [None, 7])

@@ -117,7 +117,7 @@ def test_frozen_prefix_run_writes_loadable_weights_and_trains_only_the_tail(tmp_
     out = tmp_path / "model" / "weights.pth"
     seen: list[str] = []
     opts = FinetuneOptions(mode="frozen-prefix", train_from=17, epochs=3, batch_size=8, views=1, min_label_count=3, lr=3e-3)
-    result = finetune(products, embedder, out, opts, progress=seen.append)
+    result = finetune(products, embedder, out, opts, progress=lambda f, t: seen.append(t))
 
     assert result.mode == "frozen-prefix" and result.products_train + result.products_holdout == 24 and result.skipped == 0
     assert 0.0 <= result.micro_f1 <= 1.0 and len(result.history) == 3
@@ -161,9 +161,9 @@ def test_unusable_catalogues_are_refused_clearly(tmp_path: Path, embedder: Embed
     bare = [Product(id=p.id, title=p.title, url=p.url, image=p.image) for p in products]
     with pytest.raises(TrainingError, match="fewer than 2 labels"):
         finetune(bare, embedder, tmp_path / "x.pth", FinetuneOptions(min_label_count=2, epochs=1))
-    missing = [Product(id=p.id, title=p.title, url=p.url, image=str(tmp_path / "nope.jpg"), category="Caps") for p in products]
+    missing = [Product(id=p.id, title=p.title, url=p.url, image=str(tmp_path / "nope.jpg"), category=p.category) for p in products]
     with pytest.raises(TrainingError, match="readable local product photos"):
-        finetune(missing, embedder, tmp_path / "x.pth", FinetuneOptions(epochs=1))
+        finetune(missing, embedder, tmp_path / "x.pth", FinetuneOptions(epochs=1, min_label_count=1))
     with pytest.raises(TrainingError, match="train_from"):
         finetune(products, embedder, tmp_path / "x.pth", FinetuneOptions(mode="frozen-prefix", train_from=25))
     assert not (tmp_path / "x.pth").exists()

@@ -75,6 +75,7 @@ def parser() -> argparse.ArgumentParser:
     ft.add_argument("--views", type=int, default=2, help="augmented shopper-like views per product")
     ft.add_argument("--batch-size", type=positive, default=64)
     ft.add_argument("--lr", type=float, default=1e-3)
+    ft.add_argument("--min-label-count", type=positive, default=10, help="keep attribute=value labels seen this often")
     evaluation(ft)
     common(ft)
 
@@ -130,7 +131,8 @@ def cmd_finetune(args: argparse.Namespace, settings: EngineSettings, url: str) -
     if catalog is None:
         raise ConfigError("no catalogue: pass --catalog PRODUCTS_CSV or set FFENGINE_CATALOG")
     training = FinetuneOptions(
-        mode=args.mode, train_from=args.train_from, epochs=args.epochs, limit=args.limit, views=args.views, batch_size=args.batch_size, lr=args.lr
+        mode=args.mode, train_from=args.train_from, epochs=args.epochs, limit=args.limit, views=args.views, batch_size=args.batch_size,
+        lr=args.lr, min_label_count=args.min_label_count,
     )
     opts = FinetuneRunOptions(training, args.queries, args.categories, eval_limit=args.eval_limit, name=args.name)
     result = finetune_catalog(url, settings, catalog, options=opts, progress=progress_printer(), activate=not args.no_activate)

@@ -129,9 +129,10 @@ async def _retrain(db: Database, settings: EngineSettings, opts: FeedbackOptions
         return TrainingResult("insufficient", None, counts, short)
 
     await run.step(0.1, f"learning from {train.searches} searches ({len(train.triples)} pairs)")
+    learn_started = time.perf_counter()
     a = await asyncio.to_thread(learn_map, index.projection, index.features, train, opts.metric, run.within(0.1, 0.6, "learning"))
+    learn_seconds = time.perf_counter() - learn_started
     projection = compose(index.projection, a)
-    train_seconds = time.perf_counter() - started
     candidate = await asyncio.to_thread(
         Index, index.features, index.products, fingerprint=index.fingerprint, projection=projection, backend=index.backend, options=index.options
     )
@@ -143,7 +144,7 @@ async def _retrain(db: Database, settings: EngineSettings, opts: FeedbackOptions
         "holdout_pairwise_before": before,
         "holdout_pairwise_after": after,
         "map_change": float(np.linalg.norm(a - np.eye(len(a), dtype=np.float32)) / np.sqrt(len(a))),
-        "train_seconds": round(train_seconds, 2),
+        "learn_seconds": round(learn_seconds, 2),
     }
     await run.step(0.65, f"held-out feedback: liked above disliked {before:.3f} -> {after:.3f}")
 

@@ -48,7 +48,8 @@ from train.labels import DEFAULT_ATTRIBUTES, LabelSet, micro_f1
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[str], None]
+#: ``progress(fraction 0..1, text)``, called from the training thread.
+Progress = Callable[[float, str], None]
 MODES = ("auto", "frozen-prefix", "full")
 #: MobileNetV2 ``features`` has 19 blocks; ``train_from=19`` trains the head only (a linear probe).
 N_BLOCKS = 19
@@ -118,8 +119,8 @@ def make_views(img: Image.Image, key: str, views: int, seed: int) -> list[Image.
     return [img] + [shopper_view(img, view_rng(seed, key, v)) for v in range(1, views + 1)]
 
 
-def load_local(products: Sequence[Product], workers: int) -> tuple[list[Product], list[Image.Image], int]:
-    """Decode the products' local photos; unreadable or remote ones are skipped (counted)."""
+def decode(products: Sequence[Product], workers: int) -> list[Image.Image | None]:
+    """Decode the products' local photos in a thread pool; ``None`` for a remote or unreadable one (logged)."""
 
     def one(product: Product) -> Image.Image | None:
         if product.is_remote:
@@ -131,9 +132,7 @@ def load_local(products: Sequence[Product], workers: int) -> tuple[list[Product]
             return None
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        images = list(pool.map(one, products))
-    kept = [(p, img) for p, img in zip(products, images, strict=True) if img is not None]
-    return [p for p, _ in kept], [img for _, img in kept], len(products) - len(kept)
+        return list(pool.map(one, products))
 
 
 def normalise(pixels: torch.Tensor, embedder: Embedder) -> torch.Tensor:
@@ -171,29 +170,68 @@ class Trainable(torch.nn.Module):
 
 
 class CachedViews:
-    """frozen-prefix: the frozen blocks' outputs for every (product, view), computed once, float16."""
+    """frozen-prefix: the frozen blocks' outputs for every (product, view), computed once and kept as float16.
 
-    def __init__(self, prefix: torch.nn.Module, embedder: Embedder, pooled: bool) -> None:
-        self.prefix = prefix
-        self.embedder = embedder
-        self.pooled = pooled
+    Photos are decoded chunk by chunk and dropped once their views went through the
+    frozen blocks, so memory holds tensors, not pictures. ``split`` "holdout" is the
+    clean photo, "shopper" one augmented view of each held-out product.
+    """
+
+    def __init__(self, prefix: torch.nn.Module, embedder: Embedder, pooled: bool, opts: FinetuneOptions, say: Progress) -> None:
+        self.prefix, self.embedder, self.pooled, self.opts, self.say = prefix.eval(), embedder, pooled, opts, say
+        self.skipped = 0
 
     @torch.inference_mode()
-    def compute(self, images: list[Image.Image], batch_size: int) -> torch.Tensor:
+    def frozen(self, images: list[Image.Image]) -> torch.Tensor:
         outs = []
-        for start in range(0, len(images), batch_size):
-            pixels = torch.from_numpy(self.embedder.prepare(images[start : start + batch_size])).to(self.embedder.device)
+        for start in range(0, len(images), self.opts.batch_size):
+            pixels = torch.from_numpy(self.embedder.prepare(images[start : start + self.opts.batch_size])).to(self.embedder.device)
             y = self.prefix(normalise(pixels, self.embedder))
-            if self.pooled:
-                y = y.mean(dim=(2, 3))
-            outs.append(y.to(torch.float16).cpu())
+            outs.append((y.mean(dim=(2, 3)) if self.pooled else y).to(torch.float16).cpu())
         return torch.cat(outs)
 
+    def build(self, train: Sequence[Product], holdout: Sequence[Product]) -> tuple[list[int], list[int]]:
+        """Compute every view; returns the positions of the train / held-out products that could be read."""
+        views, chunk = self.opts.views, 128
+        train_parts, hold_parts, shop_parts, kept_train, kept_hold = [], [], [], [], []
+        jobs = [("train", i, p) for i, p in enumerate(train)] + [("holdout", i, p) for i, p in enumerate(holdout)]
+        for start in range(0, len(jobs), chunk):
+            part = jobs[start : start + chunk]
+            images = decode([p for _, _, p in part], self.opts.workers)
+            self.skipped += sum(img is None for img in images)
+            good = [(split, i, p, img) for (split, i, p), img in zip(part, images, strict=True) if img is not None]
+            tr = [(i, p, img) for split, i, p, img in good if split == "train"]
+            ho = [(i, p, img) for split, i, p, img in good if split == "holdout"]
+            if tr:
+                flat = self.frozen([v for _, p, img in tr for v in make_views(img, p.id, views, self.opts.seed)])
+                train_parts.append(flat.view(len(tr), views + 1, *flat.shape[1:]))
+                kept_train += [i for i, _, _ in tr]
+            if ho:
+                hold_parts.append(self.frozen([img for _, _, img in ho]))
+                shop_parts.append(self.frozen([shopper_view(img, view_rng(self.opts.seed, p.id, 10_000)) for _, p, img in ho]))
+                kept_hold += [i for i, _, _ in ho]
+            done = min(start + chunk, len(jobs))
+            self.say(0.03 + 0.37 * done / len(jobs), f"frozen features: {done}/{len(jobs)} products x {views + 1} views")
+        self.train = torch.cat(train_parts) if train_parts else torch.zeros(0)
+        self.splits = {"holdout": torch.cat(hold_parts) if hold_parts else torch.zeros(0)}
+        self.splits["shopper"] = torch.cat(shop_parts) if shop_parts else torch.zeros(0)
+        self.n_train = len(kept_train)
+        return kept_train, kept_hold
 
-def iterate_batches(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
-    order = rng.permutation(n)
-    for start in range(0, n, batch_size):
-        yield order[start : start + batch_size]
+    def use_targets(self, y_train: torch.Tensor) -> None:
+        self.y_train = y_train
+
+    def epoch(self, rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        device = self.embedder.device
+        order = rng.permutation(self.n_train)
+        for start in range(0, self.n_train, self.opts.batch_size):
+            idx = order[start : start + self.opts.batch_size]
+            view = torch.from_numpy(rng.integers(0, self.opts.views + 1, size=len(idx)))
+            yield self.train[torch.from_numpy(idx), view].to(device).float(), self.y_train[idx].to(device)
+
+    def scores(self, model: Trainable, split: str) -> np.ndarray:
+        cached = self.splits[split]
+        return predict_scores(model, (cached[i : i + 256].to(self.embedder.device).float() for i in range(0, len(cached), 256)))
 
 
 class ShopperDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
@@ -215,6 +253,47 @@ class ShopperDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         return self.embedder.prepare([img])[0], self.targets[i]
 
 
+class OnlineViews:
+    """full mode: photos stay decoded; every epoch draws new views through a DataLoader (workers on a GPU box)."""
+
+    def __init__(self, embedder: Embedder, opts: FinetuneOptions) -> None:
+        self.embedder, self.opts = embedder, opts
+        self.skipped = 0
+
+    def build(self, train: Sequence[Product], holdout: Sequence[Product]) -> tuple[list[int], list[int]]:
+        images = decode([*train, *holdout], self.opts.workers)
+        self.skipped = sum(img is None for img in images)
+        kept_train = [i for i in range(len(train)) if images[i] is not None]
+        kept_hold = [i for i in range(len(holdout)) if images[len(train) + i] is not None]
+        self.train_images = [images[i] for i in kept_train]
+        self.train_keys = [train[i].id for i in kept_train]
+        hold = [(holdout[i], images[len(train) + i]) for i in kept_hold]
+        self.splits = {
+            "holdout": [img for _, img in hold],
+            "shopper": [shopper_view(img, view_rng(self.opts.seed, p.id, 10_000)) for p, img in hold],  # type: ignore[arg-type]
+        }
+        self.n_train = len(kept_train)
+        return kept_train, kept_hold
+
+    def use_targets(self, y_train: torch.Tensor) -> None:
+        self.dataset = ShopperDataset(self.train_images, self.train_keys, y_train.numpy(), self.embedder, self.opts.views, self.opts.seed)
+        cuda = self.embedder.device.type == "cuda"
+        self.loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=self.opts.batch_size, shuffle=True, num_workers=self.opts.workers if cuda else 0, pin_memory=cuda
+        )
+
+    def epoch(self, rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.dataset.epoch += 1
+        device = self.embedder.device
+        for pixels, target in self.loader:
+            yield normalise(pixels.to(device, non_blocking=True), self.embedder), target.to(device)
+
+    def scores(self, model: Trainable, split: str) -> np.ndarray:
+        imgs, device = self.splits[split], self.embedder.device
+        batches = (normalise(torch.from_numpy(self.embedder.prepare(imgs[i : i + 64])).to(device), self.embedder) for i in range(0, len(imgs), 64))
+        return predict_scores(model, batches)
+
+
 # ----------------------------------------------------------------- training
 
 
@@ -230,10 +309,10 @@ def finetune(
     """Fine-tune a copy of ``embedder.model`` on ``products``' attributes; write weights + sidecar to ``out_weights``.
 
     ``embedder`` is not modified. Raises :class:`TrainingError` when the catalogue has
-    too few labelled products to learn from.
+    too few readable, labelled products to learn from.
     """
     opts = options or FinetuneOptions()
-    say = progress or (lambda _msg: None)
+    say = progress or (lambda _f, _t: None)
     started = time.perf_counter()
     device = embedder.device
     mode = opts.resolved_mode(device)
@@ -243,26 +322,19 @@ def finetune(
     torch.manual_seed(opts.seed)
     rng = np.random.default_rng(opts.seed)
 
-    chosen = list(products)
+    chosen = [p for p in products if not p.is_remote]  # fine-tuning reads local photos only
     if opts.limit is not None and opts.limit < len(chosen):
         chosen = [chosen[i] for i in np.sort(rng.choice(len(chosen), opts.limit, replace=False))]
-    say(f"reading {len(chosen)} product photos")
-    chosen, images, skipped = load_local(chosen, opts.workers)
-    n_hold = int(round(len(chosen) * opts.holdout))
-    if len(chosen) - n_hold < 2 or n_hold < 1:
-        raise TrainingError(f"fine-tuning needs at least a few readable local product photos; got {len(chosen)} ({skipped} skipped)")
     order = rng.permutation(len(chosen))
-    hold_idx, train_idx = np.sort(order[:n_hold]), np.sort(order[n_hold:])
-    train_products = [chosen[i] for i in train_idx]
-    labels = LabelSet.fit(train_products, opts.attributes, opts.min_label_count)
+    n_hold = int(round(len(chosen) * opts.holdout))
+    train = [chosen[i] for i in np.sort(order[n_hold:])]
+    holdout = [chosen[i] for i in np.sort(order[:n_hold])]
+    labels = LabelSet.fit(train, opts.attributes, opts.min_label_count)
     if len(labels) < 2:
         raise TrainingError(
-            f"the catalogue gives fewer than 2 labels seen {opts.min_label_count}+ times among {opts.attributes}; "
+            f"the catalogue gives fewer than 2 labels seen {opts.min_label_count}+ times among {', '.join(opts.attributes)}; "
             "fine-tuning needs products with categories, colours, ..."
         )
-    y_train = torch.from_numpy(labels.encode(train_products))
-    y_hold = labels.encode([chosen[i] for i in hold_idx])
-    say(f"{len(labels)} labels, {len(train_idx)} training and {n_hold} held-out products, mode {mode} (train_from={train_from})")
 
     features = copy.deepcopy(embedder.model).to(device).float()
     prefix, tail = features[:train_from], features[train_from:]
@@ -270,53 +342,16 @@ def finetune(
         p.requires_grad_(False)
     pooled = train_from == N_BLOCKS
     model = Trainable(tail, len(labels), pooled_input=pooled).to(device)
-
-    keys = [p.id for p in chosen]
-    hold_images = [images[i] for i in hold_idx]
-    hold_shopper = [shopper_view(images[i], view_rng(opts.seed, keys[i], 10_000)) for i in hold_idx]
-    if mode == "frozen-prefix":
-        cache = CachedViews(prefix.eval(), embedder, pooled)
-        say(f"computing frozen features for {len(train_idx)} x {opts.views + 1} views")
-        train_views = []
-        for start in range(0, len(train_idx), 256):
-            chunk = train_idx[start : start + 256]
-            views = [make_views(images[i], keys[i], opts.views, opts.seed) for i in chunk]
-            flat = cache.compute([v for vs in views for v in vs], opts.batch_size)
-            train_views.append(flat.view(len(chunk), opts.views + 1, *flat.shape[1:]))
-            say(f"frozen features: {min(start + 256, len(train_idx))}/{len(train_idx)} products")
-        cached_train = torch.cat(train_views)
-        cached_hold = cache.compute(hold_images, opts.batch_size)
-        cached_shop = cache.compute(hold_shopper, opts.batch_size)
-        del images  # the decoded photos are no longer needed
-
-        def train_batches(epoch_rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-            for idx in iterate_batches(len(cached_train), opts.batch_size, epoch_rng):
-                view = torch.from_numpy(epoch_rng.integers(0, opts.views + 1, size=len(idx)))
-                x = cached_train[torch.from_numpy(idx), view].to(device).float()
-                yield x, y_train[idx].to(device)
-
-        def predict(cached: torch.Tensor) -> np.ndarray:
-            return predict_scores(model, (cached[i : i + 256].to(device).float() for i in range(0, len(cached), 256)))
-
-    else:
-        dataset = ShopperDataset([images[i] for i in train_idx], [keys[i] for i in train_idx], y_train.numpy(), embedder, opts.views, opts.seed)
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=opts.batch_size, shuffle=True, num_workers=opts.workers if device.type == "cuda" else 0,
-            pin_memory=device.type == "cuda", drop_last=False, persistent_workers=False,
-        )
-
-        def train_batches(epoch_rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-            dataset.epoch += 1
-            for pixels, target in loader:
-                yield normalise(pixels.to(device, non_blocking=True), embedder), target.to(device)
-
-        def predict(imgs: list[Image.Image]) -> np.ndarray:  # type: ignore[misc]
-            return predict_scores(
-                model,
-                (normalise(torch.from_numpy(embedder.prepare(imgs[i : i + 64])).to(device), embedder) for i in range(0, len(imgs), 64)),
-            )
-
-        cached_hold, cached_shop = hold_images, hold_shopper  # type: ignore[assignment]
+    data: CachedViews | OnlineViews = CachedViews(prefix, embedder, pooled, opts, say) if mode == "frozen-prefix" else OnlineViews(embedder, opts)
+    say(0.02, f"{len(labels)} labels; reading {len(chosen)} product photos; mode {mode} (train_from={train_from})")
+    kept_train, kept_hold = data.build(train, holdout)
+    skipped = len(products) - len(chosen) if opts.limit is None else sum(p.is_remote for p in products)
+    skipped += data.skipped
+    if len(kept_train) < 2 or not kept_hold:
+        raise TrainingError(f"fine-tuning needs at least a few readable local product photos; got {len(kept_train) + len(kept_hold)} ({skipped} skipped)")
+    data.use_targets(torch.from_numpy(labels.encode([train[i] for i in kept_train])))
+    y_hold = labels.encode([holdout[i] for i in kept_hold])
+    say(0.4 if mode == "frozen-prefix" else 0.05, f"training on {len(kept_train)} products, {len(kept_hold)} held out, {skipped} skipped")
 
     head_params = list(model.head.parameters())
     backbone_params = [p for p in model.tail.parameters() if p.requires_grad]
@@ -324,20 +359,20 @@ def finetune(
     if backbone_params:
         groups.append({"params": backbone_params, "lr": opts.lr * opts.backbone_lr_scale})
     optimizer = torch.optim.AdamW(groups, weight_decay=opts.weight_decay)
-    steps = max(1, opts.epochs * -(-len(train_idx) // opts.batch_size))
+    steps = max(1, opts.epochs * -(-len(kept_train) // opts.batch_size))
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=[g["lr"] for g in groups], total_steps=steps, pct_start=0.15, anneal_strategy="cos"
     )
     loss_fn = torch.nn.BCEWithLogitsLoss()
     use_amp = device.type == "cuda"
+    first = 0.4 if mode == "frozen-prefix" else 0.05
     history: list[dict[str, float]] = []
     step = 0
     for epoch in range(1, opts.epochs + 1):
         model.train()
         freeze_batchnorm(model)
         total, count = 0.0, 0
-        epoch_rng = np.random.default_rng([opts.seed, epoch])
-        for x, y in train_batches(epoch_rng):
+        for x, y in data.epoch(np.random.default_rng([opts.seed, epoch])):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 loss = loss_fn(model(x).float(), y)
             optimizer.zero_grad(set_to_none=True)
@@ -348,12 +383,12 @@ def finetune(
                 step += 1
             total += loss.item() * len(y)
             count += len(y)
-        f1 = micro_f1(y_hold, predict(cached_hold))
+        f1 = micro_f1(y_hold, data.scores(model, "holdout"))
         history.append({"epoch": epoch, "loss": total / max(count, 1), "holdout_micro_f1": f1})
-        say(f"epoch {epoch}/{opts.epochs}: loss {total / max(count, 1):.4f}, held-out micro-F1 {f1:.3f}")
+        say(first + (0.98 - first) * epoch / opts.epochs, f"epoch {epoch}/{opts.epochs}: loss {total / max(count, 1):.4f}, held-out micro-F1 {f1:.3f}")
 
-    f1_clean = history[-1]["holdout_micro_f1"] if history else micro_f1(y_hold, predict(cached_hold))
-    f1_shop = micro_f1(y_hold, predict(cached_shop))
+    f1_clean = history[-1]["holdout_micro_f1"] if history else micro_f1(y_hold, data.scores(model, "holdout"))
+    f1_shop = micro_f1(y_hold, data.scores(model, "shopper"))
     state = {f"features.{k}": v.detach().cpu().clone() for k, v in (prefix + tail).state_dict().items()}
     state["classifier.1.weight"] = model.head[1].weight.detach().cpu().clone()
     state["classifier.1.bias"] = model.head[1].bias.detach().cpu().clone()
@@ -362,6 +397,7 @@ def finetune(
         state,
         out_weights,
         embedder.preprocess,
+        **(meta or {}),
         base=embedder.source,
         base_fingerprint=embedder.fingerprint,
         labels=list(labels.names),
@@ -370,10 +406,9 @@ def finetune(
         mode=mode,
         train_from=train_from,
         epochs=opts.epochs,
-        products=len(chosen),
-        **(meta or {}),
+        products=len(kept_train) + len(kept_hold),
     )
-    say(f"wrote {out_weights} (held-out micro-F1 {f1_clean:.3f}, shopper views {f1_shop:.3f}, {seconds:.0f} s)")
+    say(1.0, f"wrote {out_weights} (held-out micro-F1 {f1_clean:.3f}, shopper views {f1_shop:.3f}, {seconds:.0f} s)")
     return FinetuneResult(
         weights=out_weights,
         labels=list(labels.names),
@@ -381,8 +416,8 @@ def finetune(
         micro_f1_shopper_view=f1_shop,
         mode=mode,
         train_from=train_from,
-        products_train=len(train_idx),
-        products_holdout=n_hold,
+        products_train=len(kept_train),
+        products_holdout=len(kept_hold),
         skipped=skipped,
         seconds=seconds,
         history=history,

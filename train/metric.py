@@ -23,7 +23,8 @@ current metric) and a little feedback can only move it a little.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,7 +103,7 @@ class MetricOptions:
     """Knobs of :func:`learn_map`; defaults chosen on the simulation's train/validation photos."""
 
     l2: float = 1.0  # pull towards the current metric (per dimension)
-    rank: int | None = 32  # learn A = I + U V^T of this rank (None: a full d x d map)
+    rank: int | None = 32  # learn A = I + U V^T of this rank (None: full rank)
     steps: int = 200
     batch: int = 1024  # triples (and liked pairs) per step
     lr: float = 0.02
@@ -117,6 +118,19 @@ def compose(base: Projection, a: np.ndarray) -> Projection:
     return Projection(base.mean, base.matrix @ a.astype(np.float32), base.normalize_input, base.normalize_output)
 
 
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """Run torch on one thread: these matmuls are small (~10 MFLOP), and on a busy CPU the
+    threads of a parallel region wait for each other far longer than the work takes.
+    (torch's thread count is process-wide; it is restored afterwards.)"""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def learn_map(
     base: Projection,
     catalogue: np.ndarray,
@@ -125,60 +139,63 @@ def learn_map(
     progress: Callable[[float, str], None] | None = None,
 ) -> np.ndarray:
     """The ``(d, d)`` map that, composed after ``base``, ranks liked products nearer; identity at the start."""
-    opts = options or MetricOptions()
+    with single_thread():
+        return _learn_map(base, catalogue, data, options or MetricOptions(), progress)
+
+
+def _learn_map(
+    base: Projection, catalogue: np.ndarray, data: FeedbackData, opts: MetricOptions, progress: Callable[[float, str], None] | None
+) -> np.ndarray:
     torch.manual_seed(opts.seed)
     rng = np.random.default_rng(opts.seed)
     z_cat = torch.from_numpy(base.apply(catalogue))
     z_q = torch.from_numpy(base.apply(data.queries)) if data.searches else torch.zeros((0, base.out_dim))
     d = z_cat.shape[1]
-    low_rank = opts.rank is not None and opts.rank < d
-    if low_rank:  # A = I + U V^T: U starts at zero (A = I), V random so that U gets gradients
-        u = torch.zeros((d, opts.rank), requires_grad=True)  # type: ignore[arg-type]
-        v = (0.01 * torch.randn((d, opts.rank))).requires_grad_(True)  # type: ignore[arg-type]
-        params = [u, v]
-    else:
-        full = torch.eye(d).requires_grad_(True)
-        params = [full]
-    optimizer = torch.optim.Adam(params, lr=opts.lr)
+    r = min(opts.rank or d, d)
+    # A = I + U V^T. U starts at zero (A = I, the current metric); V random so that U gets gradients.
+    u = torch.zeros((d, r), requires_grad=True)
+    v = (0.01 * torch.randn((d, r))).requires_grad_(True)
+    optimizer = torch.optim.Adam([u, v], lr=opts.lr)
     triples = torch.from_numpy(data.triples)
     liked = torch.from_numpy(data.liked)
     scale = median_sq_distance(z_q, z_cat, triples, liked)
 
-    def project(z: torch.Tensor) -> torch.Tensor:
-        y = z + (z @ u) @ v.T if low_rank else z @ full
-        return torch.nn.functional.normalize(y, dim=1) if base.normalize_output else y
-
-    def change() -> torch.Tensor:  # ||A - I||_F^2
-        if low_rank:
-            return ((u.T @ u) * (v.T @ v)).sum()
-        return ((full - torch.eye(d)) ** 2).sum()
-
     def sq_dist(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return ((x - y) ** 2).sum(-1)
+        """Squared distance of ``x A`` and ``y A`` (rows, broadcasting over leading dims), computed in
+        rank-r codes: zA = z + (zU) V^T, so every term is a d-dim product of fixed vectors (no gradient)
+        or an r-dim product of codes. Normalised outputs (cosine) are handled the same way."""
+        ux, vx, uy, vy = x @ u, x @ v, y @ u, y @ v
+        g = v.T @ v
+        with torch.no_grad():
+            xy, xx, yy = (x * y).sum(-1), (x * x).sum(-1), (y * y).sum(-1)
+        dot = xy + (ux * vy).sum(-1) + (vx * uy).sum(-1) + ((ux @ g) * uy).sum(-1)
+        nx = xx + 2 * (ux * vx).sum(-1) + ((ux @ g) * ux).sum(-1)
+        ny = yy + 2 * (uy * vy).sum(-1) + ((uy @ g) * uy).sum(-1)
+        if base.normalize_output:
+            return 2 - 2 * dot / torch.sqrt(nx.clamp_min(1e-12) * ny.clamp_min(1e-12))
+        return nx + ny - 2 * dot
 
     for step in range(opts.steps):
-        # rows are gathered from fixed tensors first and projected after: only matmuls need gradients
         loss = torch.zeros(())
         if len(triples):
             t = triples[torch.from_numpy(rng.integers(0, len(triples), size=min(opts.batch, len(triples))))]
-            q = project(z_q[t[:, 0]])
-            diff = sq_dist(q, project(z_cat[t[:, 1]])) - sq_dist(q, project(z_cat[t[:, 2]]))
+            q = z_q[t[:, 0]]
+            diff = sq_dist(q, z_cat[t[:, 1]]) - sq_dist(q, z_cat[t[:, 2]])
             loss = loss + torch.nn.functional.softplus(opts.sharpness * diff / scale).mean()
         if opts.random_negatives and len(liked):
             pairs = liked[torch.from_numpy(rng.integers(0, len(liked), size=min(opts.batch, len(liked))))]
-            q = project(z_q[pairs[:, 0]])
-            rand = project(z_cat[torch.from_numpy(rng.integers(0, len(z_cat), size=len(pairs) * opts.random_negatives))])
-            diff = sq_dist(q, project(z_cat[pairs[:, 1]]))[:, None] - sq_dist(q[:, None, :], rand.view(len(pairs), opts.random_negatives, d))
+            q = z_q[pairs[:, 0]]
+            rand = z_cat[torch.from_numpy(rng.integers(0, len(z_cat), size=(len(pairs), opts.random_negatives)))]
+            diff = sq_dist(q, z_cat[pairs[:, 1]])[:, None] - sq_dist(q[:, None, :], rand)
             loss = loss + opts.random_weight * torch.nn.functional.softplus(opts.sharpness * diff / scale).mean()
-        loss = loss + opts.l2 * change() / d
+        loss = loss + opts.l2 * ((u.T @ u) * (v.T @ v)).sum() / d  # ||A - I||_F^2 per dimension
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         if progress and (step + 1) % max(1, opts.steps // 10) == 0:
             progress((step + 1) / opts.steps, f"metric step {step + 1}/{opts.steps}, loss {loss.item():.4f}")
     with torch.no_grad():
-        a = torch.eye(d) + u @ v.T if low_rank else full
-    return a.detach().numpy().astype(np.float32)
+        return (torch.eye(d) + u @ v.T).numpy().astype(np.float32)
 
 
 def median_sq_distance(z_q: torch.Tensor, z_cat: torch.Tensor, triples: torch.Tensor, liked: torch.Tensor) -> float:

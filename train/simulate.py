@@ -84,23 +84,22 @@ async def simulate(
     train_photos = LabelledPhotos.read(queries, "train", categories=categories, limit=opts.shoppers, seed=opts.seed)
     test_photos = LabelledPhotos.read(queries, "test", categories=categories, limit=opts.test_limit, seed=opts.seed)
 
-    say(0.0, f"building the base index from {catalog}")
-    embedder = await asyncio.to_thread(Embedder.load, settings.weights, settings.device)
-    index_dir = settings.index_dir
-    report = await asyncio.to_thread(
-        build_index, catalog, index_dir, embedder, cache_dir=settings.cache_dir, progress=False, limit=opts.catalog_limit
-    )
-    index = await asyncio.to_thread(Index.load, index_dir, embedder.fingerprint)
-    timings["base_index"] = time.perf_counter() - t0
-
     db = await Database.open(database_url)
     try:
         stats = await db.stats()
-        if stats.searches or (await db.list_model_versions()):
+        if stats.searches or await db.list_model_versions():
             raise TrainingError(
                 f"the simulation needs an empty database, but {db.url} already holds {stats.searches} searches "
                 "or model versions; point --database-url (or DATABASE_URL) at a new one"
             )
+        say(0.0, f"building the base index from {catalog}")
+        embedder = await asyncio.to_thread(Embedder.load, settings.weights, settings.device)
+        index_dir = settings.index_dir
+        report = await asyncio.to_thread(
+            build_index, catalog, index_dir, embedder, cache_dir=settings.cache_dir, progress=False, limit=opts.catalog_limit
+        )
+        index = await asyncio.to_thread(Index.load, index_dir, embedder.fingerprint)
+        timings["base_index"] = time.perf_counter() - t0
         base = await db.create_model_version(
             BASE_VERSION, weights_spec(settings.weights), str(index_dir.resolve()), notes="simulation base", activate=True
         )
@@ -138,7 +137,7 @@ async def simulate(
         feedback={**feedback, **{k: result.metrics[k] for k in ("pairs", "train_searches", "holdout_searches") if k in result.metrics}},
         test_photos=before.n,
         catalog_products=report.products,
-        seconds={k: round(v, 2) for k, v in {**timings, "metric_training": result.metrics.get("train_seconds", 0.0)}.items()},
+        seconds={k: round(v, 2) for k, v in {**timings, "metric_training": result.metrics.get("learn_seconds", 0.0)}.items()},
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from telegram import Update
-from telegram.error import TelegramError
+from telegram.error import Forbidden, TelegramError
 from telegram.ext import Application
 
 from bot import texts
@@ -31,6 +31,9 @@ def describe(update: object) -> str:
 async def on_error(update: object, context: FFContext) -> None:
     error = context.error
     where = describe(update)
+    if isinstance(error, Forbidden):  # the user blocked the bot: nobody to apologise to, nothing to fix
+        log.info("could not answer %s: %s", where, error.message)
+        return
     log.error("error while handling %s", where, exc_info=error)
     if isinstance(update, Update) and update.effective_chat is not None:
         try:

@@ -27,8 +27,10 @@ from bot.album import send_album
 from bot.batcher import QueueFull
 from bot.context import BotServices, FFContext
 from bot.keyboards import RatingItem, rating_keyboard
+from ffengine.db import SearchRecord
 from ffengine.errors import ImageRejected
 from ffengine.images import load_image
+from ffengine.recommend import Recommendation
 
 log = logging.getLogger(__name__)
 CHAT_ACTION_EVERY_S = 4.0  # Telegram shows an action for about 5 s
@@ -111,16 +113,21 @@ async def search_and_answer(update: Update, context: FFContext, upload: Upload, 
     started = time.perf_counter()
     try:
         async with showing_upload(context.bot, message.chat_id):
-            await _search(svc, context, message, user.id, upload, started, note)
+            try:
+                recs, logging_done = await _find(svc, context.bot, user.id, upload, started)
+            except BaseException:
+                svc.in_flight.discard(user.id)
+                raise
+            # the model work is over; the user's slot frees once the search is logged
+            logging_done.add_done_callback(lambda _: svc.in_flight.discard(user.id))
+            await _answer(context, message, recs, logging_done, note)
     except Refused as refused:
         await _log_refusal(svc, user.id, upload.file_unique_id, started, refused.outcome)
         await message.reply_text(refused.reply)
-    finally:
-        svc.in_flight.discard(user.id)
 
 
-async def _search(svc: BotServices, context: FFContext, message: Message, user_id: int, upload: Upload, started: float, note: str | None) -> None:
-    bot = context.bot
+async def _find(svc: BotServices, bot: Bot, user_id: int, upload: Upload, started: float) -> tuple[list[Recommendation], asyncio.Task[SearchRecord]]:
+    """Download, decode, embed and search (through the batcher); the search is logged by the returned task."""
     data = await download(bot, upload, svc.settings.max_download_bytes)
     try:
         image = await asyncio.to_thread(load_image, data, max_bytes=svc.settings.max_download_bytes)
@@ -131,23 +138,35 @@ async def _search(svc: BotServices, context: FFContext, message: Message, user_i
     except QueueFull:
         raise Refused("busy", texts.BUSY) from None
     recs = result.recommendations
-    record = await svc.db.record_search(
-        user_id,
-        upload.file_unique_id,
-        result.features,
-        result.model.version_id,
-        (time.perf_counter() - started) * 1000,
-        "ok" if recs else "no_results",
-        [(r.product.id, r.distance) for r in recs],
+    logging_done = asyncio.ensure_future(
+        svc.db.record_search(
+            user_id,
+            upload.file_unique_id,
+            result.features,
+            result.model.version_id,
+            (time.perf_counter() - started) * 1000,
+            "ok" if recs else "no_results",
+            [(r.product.id, r.distance) for r in recs],
+        )
     )
-    if note:
-        await message.reply_text(note)
+    return recs, logging_done
+
+
+async def _answer(context: FFContext, message: Message, recs: list[Recommendation], logging_done: asyncio.Task[SearchRecord], note: str | None) -> None:
+    """The album of products (sent while the search is being logged), then the rating keyboard
+    (Telegram cannot attach one to an album; its buttons need the logged recommendation ids)."""
+    try:
+        if note:
+            await message.reply_text(note)
+        if recs:
+            await send_album(context.bot, context.services.db, message.chat_id, recs, context.application.create_task)
+    finally:
+        record = await logging_done  # never left behind, even when sending failed
     if not recs:
         await message.reply_text(texts.NO_RESULTS)
         return
-    await send_album(bot, svc.db, message.chat_id, recs, context.application.create_task)
     items = [RatingItem(rank, rec_id, r.product.url) for rank, (rec_id, r) in enumerate(zip(record.recommendation_ids, recs, strict=True), 1)]
-    await bot.send_message(message.chat_id, texts.RESULTS, reply_markup=rating_keyboard(items))
+    await context.bot.send_message(message.chat_id, texts.RESULTS, reply_markup=rating_keyboard(items))
 
 
 async def _log_refusal(svc: BotServices, user_id: int, file_unique_id: str | None, started: float, outcome: str) -> None:

@@ -1,0 +1,152 @@
+"""``python -m train`` as an admin runs it: real processes, a real SQLite file, a tiny generated store.
+
+The network is a random-init MobileNetV2 saved as a real weights file, so nothing here needs
+../shared or a download; what is checked is the plumbing an admin relies on: versions made,
+registered, activated or not, listed, rolled back, and errors as one clear line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.models import mobilenet_v2
+
+from ffengine.build import build_index
+from ffengine.embedder import Embedder
+from ffengine.index import Index
+from ffengine.weights import Preprocess, resolve_weights, save_weights
+from tests.test_train_finetune import COLOURS, garment
+from train.__main__ import main
+
+REPO = Path(__file__).resolve().parents[1]
+CATEGORIES = ("Tshirts", "Jeans", "Caps")
+QUERY_LABELS = {"t-shirt": "Tshirts", "pants": "Jeans", "hat": "Caps"}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """36 products (3 categories x 2 colours), 9 labelled shopper photos, random weights, a base index."""
+    root = tmp_path_factory.mktemp("train-store")
+    (root / "images").mkdir()
+    rows = ["id,title,url,image,category,colour,gender,usage"]
+    for i in range(36):
+        colour = "Red" if i % 2 else "Blue"
+        garment(COLOURS[colour], i).save(root / "images" / f"{i}.jpg", quality=90)
+        rows.append(f"sku{i},Item {i},https://shop.example/{i},images/{i}.jpg,{CATEGORIES[i % 3]},{colour},{'Men' if i % 4 < 2 else 'Women'},Casual")
+    (root / "products.csv").write_text("\n".join(rows) + "\n")
+    queries = root / "queries"
+    labels = ["image,split,label"]
+    for j, label in enumerate(sorted(QUERY_LABELS) * 3):
+        (queries / "validation" / label).mkdir(parents=True, exist_ok=True)
+        garment(COLOURS["Red"], 100 + j).rotate(10, fillcolor=(90, 80, 70)).save(queries / "validation" / label / f"{j}.jpg")
+        labels.append(f"validation/{label}/{j}.jpg,validation,{label}")
+    (queries / "labels.csv").write_text("\n".join(labels) + "\n")
+    (root / "query_categories.csv").write_text(
+        "query_label,catalog_categories\n" + "".join(f"{k},{v}\n" for k, v in QUERY_LABELS.items())
+    )
+    torch.manual_seed(3)
+    save_weights(mobilenet_v2(weights=None).state_dict(), root / "base.pth", Preprocess(mean=(0.5,) * 3, std=(0.5,) * 3))
+    build_index(root / "products.csv", root / "data" / "index", Embedder.load(str(root / "base.pth"), "cpu"), progress=False)
+    return root
+
+
+def settings_env(store: Path, db: Path) -> dict[str, str]:
+    return {
+        "FFENGINE_WEIGHTS": str(store / "base.pth"),
+        "FFENGINE_DEVICE": "cpu",
+        "FFENGINE_DATA_DIR": str(db.parent / "data"),
+        "FFENGINE_INDEX": str(store / "data" / "index"),
+        "DATABASE_URL": f"sqlite+aiosqlite:///{db}",
+    }
+
+
+def run(store: Path, db: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m train ARGS`` in a real process."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FFENGINE_") and k != "DATABASE_URL"}
+    env.update(settings_env(store, db), PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", "train", *args], cwd=db.parent, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture
+def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """The same entry point in this process (no interpreter start-up per call): returns what ``run`` would."""
+
+    def call(store: Path, db: Path, *args: str) -> subprocess.CompletedProcess[str]:
+        for name in [k for k in os.environ if k.startswith("FFENGINE_")]:
+            monkeypatch.delenv(name)
+        for name, value in settings_env(store, db).items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.chdir(db.parent)
+        capsys.readouterr()
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["train", *args], code, out, err)
+
+    return call
+
+
+def last_json(proc: subprocess.CompletedProcess[str]) -> dict:
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_models_rollback_and_errors_on_a_fresh_database(store: Path, tmp_path: Path, cli) -> None:
+    db = tmp_path / "ff.db"
+    listing = run(store, db, "models", "--json")  # once as a real process; the rest in-process
+    assert "no model versions yet" in listing.stdout and last_json(listing) == {"versions": []}
+
+    bad = cli(store, db, "rollback", "nope")
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
+    assert bad.stderr.startswith("error: no model version 'nope'") and "Traceback" not in bad.stderr
+
+    stop = cli(store, db, "feedback", "--json")  # nobody rated anything yet
+    result = last_json(stop)
+    assert result["status"] == "insufficient" and result["version"] is None and "Not enough feedback" in stop.stdout
+    versions = last_json(cli(store, db, "models", "--json"))["versions"]
+    assert [(v["name"], v["active"]) for v in versions] == [("base", True)]  # the running setup, registered
+
+
+def test_finetune_makes_a_version_compared_on_labelled_photos_and_rollback_undoes_it(store: Path, tmp_path: Path, cli) -> None:
+    db = tmp_path / "ff.db"
+    args = ["finetune", "--catalog", str(store / "products.csv"), "--epochs", "1", "--views", "1", "--batch-size", "8",
+            "--min-label-count", "3", "--name", "ft-test", "--json"]
+    proc = run(store, db, *args, "--queries", str(store / "queries"))
+    result = last_json(proc)
+    assert result["version"] == "ft-test" and result["status"] in ("promoted", "rejected")
+    m = result["metrics"]
+    assert 0 <= m["micro_f1"] <= 1 and m["labels"] >= 2 and m["index_products"] == 36
+    assert {"precision5_before", "precision5_after"} <= set(m) and m["precision5_split"] == "validation"
+    assert "[" in proc.stderr and "epoch 1/1" in proc.stderr  # progress on stderr
+
+    folder = tmp_path / "data" / "models" / "ft-test"
+    weights = resolve_weights(str(folder / "weights.pth"))
+    index = Index.load(folder / "index", expect_fingerprint=weights.fingerprint)  # built by the new weights
+    assert len(index) == 36 and json.loads((folder / "metrics.json").read_text())["parent"] == "base"
+    versions = {v["name"]: v for v in last_json(cli(store, db, "models", "--json"))["versions"]}
+    assert versions["ft-test"]["active"] == (result["status"] == "promoted")
+    assert versions["ft-test"]["weights"] == str(folder / "weights.pth")
+
+    back = last_json(cli(store, db, "rollback", "base", "--json"))
+    assert back["active"]["name"] == "base"
+    forward = last_json(cli(store, db, "rollback", "ft-test", "--json"))
+    assert forward["active"]["name"] == "ft-test"
+
+    again = cli(store, db, *args)  # the name is taken: one line, nothing changed
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_finetune_without_labelled_photos_is_registered_but_not_activated(store: Path, tmp_path: Path, cli, monkeypatch) -> None:
+    db = tmp_path / "ff.db"
+    monkeypatch.delenv("FFENGINE_EVAL_QUERIES", raising=False)
+    result = last_json(cli(store, db, "finetune", "--catalog", str(store / "products.csv"), "--epochs", "1", "--views", "0",
+                           "--min-label-count", "3", "--limit", "24", "--json"))
+    assert result["status"] == "unevaluated" and "rollback" in result["reason"]
+    versions = last_json(cli(store, db, "models", "--json"))["versions"]
+    assert [(v["name"], v["active"]) for v in versions] == [("base", True), (result["version"], False)]
