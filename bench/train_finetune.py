@@ -32,6 +32,7 @@ from ffengine.index import Index  # noqa: E402
 from train.evaluation import Benchmark, LabelledPhotos  # noqa: E402
 from train.finetune import FinetuneOptions  # noqa: E402
 from train.finetune_run import FinetuneRunOptions, finetune_catalog_async  # noqa: E402
+from train.labels import DEFAULT_ATTRIBUTES  # noqa: E402
 
 SHARED = Path(os.environ.get("FF_SHARED_DIR", REPO.parent / "shared"))
 STUDY = {"precision5_frozen_imagenet": 0.655, "micro_f1_mobilenetv2_149_labels": 0.396}
@@ -51,7 +52,8 @@ async def run(args: argparse.Namespace, weights: str) -> dict:
     print(f"base index ready ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     training = FinetuneOptions(
-        mode=args.mode, train_from=args.train_from, epochs=args.epochs, views=args.views, limit=args.limit, batch_size=args.batch_size
+        mode=args.mode, train_from=args.train_from, epochs=args.epochs, views=args.views, limit=args.limit, batch_size=args.batch_size,
+        attributes=tuple(args.attributes.split(",")),
     )
     db = await Database.open(f"sqlite+aiosqlite:///{work / 'ft.db'}")
     try:
@@ -74,7 +76,7 @@ async def run(args: argparse.Namespace, weights: str) -> dict:
     return {
         "what": "fine-tuning MobileNetV2 on catalog-10k attribute labels; category precision@5 on the queries' test/ photos",
         "study": STUDY,
-        "options": {k: getattr(training, k) for k in ("mode", "train_from", "epochs", "views", "limit", "batch_size", "lr")},
+        "options": {k: getattr(training, k) for k in ("mode", "train_from", "epochs", "views", "limit", "batch_size", "lr", "attributes")},
         "labels": m["labels"],
         "micro_f1_holdout": m["micro_f1"],
         "micro_f1_holdout_shopper_views": m["micro_f1_shopper_view"],
@@ -102,6 +104,7 @@ def main() -> int:
     p.add_argument("--views", type=int, default=2)
     p.add_argument("--limit", type=int, help="train on this many products (default: all)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--attributes", default=",".join(DEFAULT_ATTRIBUTES), help="catalogue columns used as labels")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "train_finetune.json")
     args = p.parse_args()
     weights = os.environ.get("FFENGINE_WEIGHTS") or str(SHARED / "models" / "mobilenet_v2_imagenet.pth")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlsplit
 
-from ffengine.config import EngineSettings, database_url, env_int, env_str
+from ffengine.config import EngineSettings, database_url, env_float, env_int, env_str
 from ffengine.errors import ConfigError
 
 DEFAULT_API_URL = "https://api.telegram.org"
@@ -49,19 +49,6 @@ def _admin_ids(env: Mapping[str, str]) -> frozenset[int]:
             raise ConfigError(f"ADMIN_IDS must be comma-separated Telegram user ids (numbers), got {part!r}")
         ids.add(int(part))
     return frozenset(ids)
-
-
-def _float(env: Mapping[str, str], name: str, default: float) -> float:
-    raw = env_str(env, name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
-    if value < 0:
-        raise ConfigError(f"{name} must not be negative, got {raw!r}")
-    return value
 
 
 def _log_level(env: Mapping[str, str]) -> str:
@@ -151,8 +138,8 @@ class BotSettings:
             batch_size=env_int(env, "BOT_BATCH_SIZE", 16, minimum=1),
             batch_wait_ms=env_int(env, "BOT_BATCH_WAIT_MS", 10),
             concurrent_updates=env_int(env, "BOT_CONCURRENT_UPDATES", 64, minimum=1),
-            rate_limit=_float(env, "BOT_RATE_LIMIT", 30.0),
+            rate_limit=env_float(env, "BOT_RATE_LIMIT", 30.0),
             max_retries=env_int(env, "BOT_MAX_RETRIES", 3),
-            error_notify_interval_s=_float(env, "BOT_ERROR_NOTIFY_INTERVAL", 60.0),
+            error_notify_interval_s=env_float(env, "BOT_ERROR_NOTIFY_INTERVAL", 60.0),
             log_level=_log_level(env),
         )

@@ -272,7 +272,11 @@ def catalog_hash(products: Sequence[Product], image_hashes: Sequence[str]) -> st
 
 
 def _truncate(read: CatalogReadResult, limit: int) -> CatalogReadResult:
-    return CatalogReadResult(read.products[:limit], read.problems, read.lines[:limit], read.path)
+    """The first ``limit`` products, and the problems met before the last of them (as ``read_catalog(limit=)``)."""
+    if limit >= len(read.products):
+        return read
+    last = read.lines[limit - 1] if limit > 0 else 0
+    return CatalogReadResult(read.products[:limit], [p for p in read.problems if p.line < last], read.lines[:limit], read.path)
 
 
 class _Run:

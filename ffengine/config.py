@@ -32,17 +32,27 @@ def env_str(env: Mapping[str, str], name: str, default: str | None = None) -> st
     return value if value else default
 
 
-def env_int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -> int:
+def _env_number(env: Mapping[str, str], name: str, default: float, kind: type, what: str, minimum: float) -> float:
     raw = env_str(env, name)
     if raw is None:
         return default
     try:
-        value = int(raw)
+        value = kind(raw)
     except ValueError:
-        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+        raise ConfigError(f"{name} must be {what}, got {raw!r}") from None
     if value < minimum:
         raise ConfigError(f"{name} must be at least {minimum}, got {value}")
     return value
+
+
+def env_int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -> int:
+    """An integer setting; blank means ``default``."""
+    return int(_env_number(env, name, default, int, "a whole number", minimum))
+
+
+def env_float(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0) -> float:
+    """A number setting; blank means ``default``."""
+    return float(_env_number(env, name, default, float, "a number", minimum))
 
 
 def check_device(device: str, setting: str = "FFENGINE_DEVICE") -> str:

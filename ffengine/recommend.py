@@ -10,15 +10,18 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from ffengine.catalog import Product
-from ffengine.embedder import Embedder
 from ffengine.errors import IndexLoadError
 from ffengine.images import ImageSource, load_image
 from ffengine.index import Index, as_features
+
+if TYPE_CHECKING:  # torch is only needed once a photo is embedded
+    from ffengine.embedder import Embedder
 
 #: Features closer than this (relative to their length) count as the same picture.
 DUPLICATE_TOLERANCE = 1e-4

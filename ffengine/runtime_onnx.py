@@ -39,7 +39,7 @@ OUTPUT_NAME = "features"
 #: Images per ``session.run``; measured best on a 2-core AVX-512 CPU (bench/embed_speed.py).
 MICRO_BATCH = 4
 #: How long idle pool threads spin before sleeping (us; 0 = never spin, None = ORT's default).
-SPIN_US: int | None = 0
+SPIN_US: int | None = 50
 #: Minimum cosine similarity between ONNX Runtime and PyTorch on the probe batch.
 MIN_PROBE_COSINE = 0.9999
 
@@ -179,8 +179,10 @@ class OnnxRunner:
     """One ONNX Runtime CPU session; ``runner(uint8 batch) -> (n, 1280) float32``.
 
     ``session.run`` releases the GIL, so decode threads keep working while it computes.
-    Thread spinning is off: the pool would otherwise burn the cores that image decoding
-    and the bot's event loop need between calls, for no gain in throughput.
+    Pool threads spin only briefly (``SPIN_US``) before sleeping: ONNX Runtime's default
+    long spin wins little on an idle machine but collapses throughput 2-3x when the cores
+    are shared (decode threads during an index build, other processes), because spinning
+    threads starve the very threads they wait for.
     """
 
     name = "onnx"

@@ -292,9 +292,13 @@ async def test_async_embedding_leaves_the_event_loop_free(tmp_path: Path, random
 
 def test_an_already_read_catalogue_and_limit(tmp_path: Path, random_embedder: Embedder) -> None:
     cat = make_shop(tmp_path / "shop", 4)
+    with cat.open("a", encoding="utf-8") as fh:
+        fh.write(",no id,https://shop.example/x,images/0.jpg,Shirts\n")  # line 6, after the limit
     read = read_catalog(cat)
+    assert [p.line for p in read.problems] == [6]
     result = embed_catalog(read, random_embedder, progress=False, limit=2)
-    assert [p.id for p in result.products] == ["p0", "p1"]
+    assert [p.id for p in result.products] == ["p0", "p1"] and result.report.skipped == []
+    assert embed_catalog(read, random_embedder, progress=False, limit=9).report.skipped == read.problems
     assert embed_catalog(cat, random_embedder, progress=False, limit=3).report.products == 3
 
 

@@ -16,7 +16,7 @@ from ffengine.images import load_image
 from ffengine.weights import resolve_weights
 from train.augment import background_mask, shopper_view
 from train.errors import TrainingError
-from train.finetune import FinetuneOptions, finetune, view_rng
+from train.finetune import FinetuneOptions, FrozenNet, finetune, frozen_runner, view_rng
 from train.labels import LabelSet, micro_f1
 
 COLOURS = {"Red": (200, 30, 30), "Blue": (30, 40, 200)}
@@ -136,6 +136,19 @@ def test_frozen_prefix_run_writes_loadable_weights_and_trains_only_the_tail(tmp_
     assert tuned.fingerprint != embedder.fingerprint
     assert not np.allclose(tuned.embed([img]), embedder.embed([img]))
     assert any("epoch 3/3" in line for line in seen)
+
+
+def test_frozen_blocks_give_the_same_output_in_onnx_runtime_and_pytorch(embedder: Embedder) -> None:
+    net = FrozenNet(embedder.model[:17], embedder, pooled=False)
+    assert not net.training  # BatchNorm must use running statistics
+    run = frozen_runner(net, embedder)
+    pixels = embedder.prepare([garment(COLOURS["Red"], s) for s in range(3)])
+    with torch.inference_mode():
+        want = net(torch.from_numpy(pixels)).numpy()
+    got = run(pixels)
+    assert got.shape == want.shape == (3, 160, 7, 7)
+    assert np.allclose(got, want, rtol=1e-3, atol=1e-4 * float(np.abs(want).max()))
+    assert not net.training  # exporting did not flip it to training mode
 
 
 def test_full_run_trains_every_block(tmp_path: Path, embedder: Embedder) -> None:

@@ -18,11 +18,13 @@ For the bot (``/retrain``) — the same code as ``python -m train feedback``::
 
     progress(fraction: float, text: str) -> None   # 0..1 and a line for people; called from any thread
 
-    RetrainResult(
+    RetrainResult(              # = train.runs.TrainingResult, also returned by the fine-tuning
         status: str,            # "promoted" | "rejected" (trained, not better) | "insufficient" (too little feedback)
+                                # | "unevaluated" (fine-tuning only: no labelled photos to compare on; not activated)
         promoted: bool,         # status == "promoted": the new version should answer from now on
         version: str | None,    # the registered model version's name (None when nothing was trained)
-        metrics: dict,          # feedback counts, held-out pairwise accuracy before/after, precision@5 before/after, seconds
+        metrics: dict,          # searches, likes, dislikes, pairs, holdout_pairwise_before/after,
+                                # precision5_before/after (validation photos, when FFENGINE_EVAL_QUERIES is set), seconds
         reason: str,            # one sentence for the admin: why promoted / kept / stopped
         run_id: int | None,     # the training_runs row
     )

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import shutil
 import sys
 from collections.abc import Callable, Sequence
@@ -21,6 +22,7 @@ from typing import Any
 
 from ffengine.config import EngineSettings, database_url, env_str, load_dotenv_file
 from ffengine.errors import FFError
+from train.labels import DEFAULT_ATTRIBUTES
 
 
 def progress_printer() -> Callable[[float, str], None]:
@@ -51,7 +53,7 @@ def share(value: str) -> float:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m train", description="Fine-tune, retrain from feedback, simulate, list and roll back model versions.")
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(cmd: argparse.ArgumentParser, *, db: bool = True) -> None:
@@ -76,6 +78,7 @@ def parser() -> argparse.ArgumentParser:
     ft.add_argument("--batch-size", type=positive, default=64)
     ft.add_argument("--lr", type=float, default=1e-3)
     ft.add_argument("--min-label-count", type=positive, default=10, help="keep attribute=value labels seen this often")
+    ft.add_argument("--attributes", default=",".join(DEFAULT_ATTRIBUTES), help="catalogue columns used as labels (comma-separated)")
     evaluation(ft)
     common(ft)
 
@@ -132,7 +135,7 @@ def cmd_finetune(args: argparse.Namespace, settings: EngineSettings, url: str) -
         raise ConfigError("no catalogue: pass --catalog PRODUCTS_CSV or set FFENGINE_CATALOG")
     training = FinetuneOptions(
         mode=args.mode, train_from=args.train_from, epochs=args.epochs, limit=args.limit, views=args.views, batch_size=args.batch_size,
-        lr=args.lr, min_label_count=args.min_label_count,
+        lr=args.lr, min_label_count=args.min_label_count, attributes=tuple(a.strip() for a in args.attributes.split(",") if a.strip()),
     )
     opts = FinetuneRunOptions(training, args.queries, args.categories, eval_limit=args.eval_limit, name=args.name)
     result = finetune_catalog(url, settings, catalog, options=opts, progress=progress_printer(), activate=not args.no_activate)
@@ -160,7 +163,7 @@ def cmd_simulate(args: argparse.Namespace, settings: EngineSettings, url: str) -
     from train.simulate import SimulationOptions, simulate
 
     workdir = (args.workdir or settings.data_dir / "simulate").resolve()
-    explicit = args.database_url or env_str(__import__("os").environ, "DATABASE_URL")
+    explicit = args.database_url or env_str(os.environ, "DATABASE_URL")
     if not explicit:  # our own database: start it afresh each time (the cache is kept)
         for stale in workdir.glob("simulate.db*"):
             stale.unlink()

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ffengine import runtime_onnx
 from ffengine.catalog import Product
 from ffengine.embedder import Embedder
 from ffengine.errors import ImageRejected
@@ -169,6 +170,44 @@ class Trainable(torch.nn.Module):
 # ----------------------------------------------------------------- the two data paths
 
 
+class FrozenNet(torch.nn.Module):
+    """uint8 NHWC pixels -> the frozen blocks' output (pooled when nothing of ``features`` is trained)."""
+
+    def __init__(self, prefix: torch.nn.Module, embedder: Embedder, pooled: bool) -> None:
+        super().__init__()
+        self.prefix, self.pooled = prefix, pooled
+        prep = embedder.preprocess
+        self.register_buffer("mean", torch.tensor(prep.mean).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("std", torch.tensor(prep.std).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.eval()  # always: BatchNorm must use its running statistics here
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        y = self.prefix((pixels.permute(0, 3, 1, 2).float() - self.mean) / self.std)
+        return y.mean(dim=(2, 3)) if self.pooled else y
+
+
+def frozen_runner(net: FrozenNet, embedder: Embedder) -> Callable[[np.ndarray], np.ndarray]:
+    """The frozen blocks as a function of uint8 batches: ONNX Runtime on a CPU (about 3x faster than eager
+    PyTorch there, checked against PyTorch on a probe batch), PyTorch otherwise or if that fails."""
+
+    @torch.inference_mode()
+    def eager(batch: np.ndarray) -> np.ndarray:
+        return net(torch.from_numpy(batch).to(embedder.device)).float().cpu().numpy()
+
+    if embedder.device.type != "cpu" or not runtime_onnx.available():
+        return eager
+    try:
+        session = runtime_onnx.OnnxRunner(runtime_onnx.export(net.cpu(), embedder.preprocess.input_size), micro_batch=1 << 30)
+        probe = np.random.default_rng(0).integers(0, 256, size=(2, embedder.preprocess.input_size, embedder.preprocess.input_size, 3), dtype=np.uint8)
+        want, got = eager(probe), session(probe)
+        if got.shape != want.shape or not np.allclose(got, want, rtol=1e-3, atol=1e-3 * float(np.abs(want).max() + 1e-12)):
+            raise ValueError("ONNX Runtime disagrees with PyTorch on the probe batch")
+    except Exception as exc:  # noqa: BLE001 - any exporter/runtime problem: PyTorch computes the same thing
+        log.warning("fine-tune: frozen blocks run in PyTorch (ONNX Runtime not usable: %s)", exc)
+        return eager
+    return session
+
+
 class CachedViews:
     """frozen-prefix: the frozen blocks' outputs for every (product, view), computed once and kept as float16.
 
@@ -178,16 +217,13 @@ class CachedViews:
     """
 
     def __init__(self, prefix: torch.nn.Module, embedder: Embedder, pooled: bool, opts: FinetuneOptions, say: Progress) -> None:
-        self.prefix, self.embedder, self.pooled, self.opts, self.say = prefix.eval(), embedder, pooled, opts, say
+        self.embedder, self.opts, self.say = embedder, opts, say
+        self.run = frozen_runner(FrozenNet(prefix, embedder, pooled).to(embedder.device), embedder)
         self.skipped = 0
 
-    @torch.inference_mode()
     def frozen(self, images: list[Image.Image]) -> torch.Tensor:
-        outs = []
-        for start in range(0, len(images), self.opts.batch_size):
-            pixels = torch.from_numpy(self.embedder.prepare(images[start : start + self.opts.batch_size])).to(self.embedder.device)
-            y = self.prefix(normalise(pixels, self.embedder))
-            outs.append((y.mean(dim=(2, 3)) if self.pooled else y).to(torch.float16).cpu())
+        step = self.opts.batch_size
+        outs = [torch.from_numpy(self.run(self.embedder.prepare(images[i : i + step]))).to(torch.float16) for i in range(0, len(images), step)]
         return torch.cat(outs)
 
     def build(self, train: Sequence[Product], holdout: Sequence[Product]) -> tuple[list[int], list[int]]:

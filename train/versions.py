@@ -18,7 +18,7 @@ from typing import Any
 
 from ffengine.config import EngineSettings
 from ffengine.db import Database, ModelVersion
-from ffengine.index import Index, read_manifest
+from ffengine.index import MANIFEST_FILE, Index, read_manifest
 from ffengine.weights import looks_like_path
 from train.errors import TrainingError
 
@@ -57,7 +57,7 @@ async def ensure_current(db: Database, settings: EngineSettings) -> Current:
         base = await db.get_model_version(BASE_VERSION)
         if base is None:
             index_dir = settings.index_dir.resolve()
-            if not (index_dir / "manifest.json").is_file():
+            if not (index_dir / MANIFEST_FILE).is_file():
                 raise TrainingError(f"no active model version and no index at {index_dir}; build one with `ffengine index build`")
             base = await db.create_model_version(
                 BASE_VERSION, weights_spec(settings.weights), str(index_dir), notes="registered by train/ from FFENGINE_WEIGHTS and FFENGINE_INDEX"
