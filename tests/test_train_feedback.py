@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -82,21 +83,59 @@ async def shoppers(db: Database, world: World, index: Index, version_id: int, n:
             await db.rate(user, rec_id, 1 if index.products[j].category == CATEGORIES[wanted] else -1)
 
 
+def db_url(root: Path) -> str:
+    return f"sqlite+aiosqlite:///{root / 'ff.db'}"
+
+
 @pytest.fixture
 def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> EngineSettings:
+    """Paths relative to the test's own folder (the working directory), so a seeded folder can be copied."""
     monkeypatch.delenv("FFENGINE_EVAL_QUERIES", raising=False)
-    data = tmp_path / "data"
-    return EngineSettings(weights="IMAGENET1K_V2", index_dir=data / "index", device="cpu", data_dir=data)
+    monkeypatch.chdir(tmp_path)
+    return EngineSettings(weights="IMAGENET1K_V2", index_dir=Path("data/index"), device="cpu", data_dir=Path("data"))
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, World]:
+    """Once per module: a base index and a database where 150 shoppers rated all their results."""
+    root = tmp_path_factory.mktemp("feedback-template")
+    world = World().write(root / "data" / "index")
+
+    async def seed() -> None:
+        db = await Database.open(db_url(root))
+        try:
+            base = await db.create_model_version("base", "IMAGENET1K_V2", "data/index", activate=True)
+            await shoppers(db, world, world.index, base.id, n=150)
+        finally:
+            await db.close()
+
+    asyncio.run(seed())
+    return root, world
 
 
 @pytest.fixture
-def world(settings: EngineSettings) -> World:
-    return World().write(settings.index_dir)
+def seeded(template: tuple[Path, World], settings: EngineSettings, tmp_path: Path) -> World:
+    """This test's copy of the template (index + database with base and 150 rated searches)."""
+    shutil.copytree(template[0], tmp_path, dirs_exist_ok=True)
+    return template[1]
+
+
+@pytest.fixture
+async def sdb(seeded: World, tmp_path: Path) -> AsyncIterator[Database]:
+    database = await Database.open(db_url(tmp_path))
+    yield database
+    await database.close()
+
+
+@pytest.fixture
+def world(settings: EngineSettings, tmp_path: Path) -> World:
+    """A fresh index and no feedback yet."""
+    return World().write(tmp_path / "data" / "index")
 
 
 @pytest.fixture
 async def db(tmp_path: Path) -> AsyncIterator[Database]:
-    database = await Database.open(f"sqlite+aiosqlite:///{tmp_path / 'ff.db'}")
+    database = await Database.open(db_url(tmp_path))
     yield database
     await database.close()
 
@@ -119,9 +158,9 @@ async def test_too_little_feedback_stops_with_what_is_needed(db: Database, setti
     assert run.status == "rejected" and "Not enough feedback" in run.log
 
 
-async def test_enough_feedback_makes_a_better_version_and_activates_it(db: Database, settings: EngineSettings, world: World) -> None:
-    base = await base_version(db, settings)
-    await shoppers(db, world, world.index, base, n=150)
+async def test_enough_feedback_makes_a_better_version_and_activates_it(sdb: Database, settings: EngineSettings, seeded: World) -> None:
+    db, world = sdb, seeded
+    base = (await db.get_model_version("base")).id  # type: ignore[union-attr]
     seen: list[tuple[float, str]] = []
     result = await retrain_from_feedback_async(db, settings, options=FAST, progress=lambda f, t: seen.append((f, t)))
     m = result.metrics
@@ -150,9 +189,8 @@ async def test_enough_feedback_makes_a_better_version_and_activates_it(db: Datab
     assert child is not None and child.parent_id == active.id
 
 
-async def test_a_worse_model_is_registered_but_not_activated(db: Database, settings: EngineSettings, world: World) -> None:
-    base = await base_version(db, settings)
-    await shoppers(db, world, world.index, base, n=150)
+async def test_a_worse_model_is_registered_but_not_activated(sdb: Database, settings: EngineSettings) -> None:
+    db = sdb
     # shoppers whose taste flips between the old searches and the newest (held-out) ones:
     # whatever is learnt from the old ones is wrong on the new ones
     await flip_taste_of_newest(db, share=0.2)
@@ -171,10 +209,9 @@ async def flip_taste_of_newest(db: Database, share: float) -> None:
 
 
 async def test_a_run_failing_midway_leaves_the_active_version_untouched(
-    db: Database, settings: EngineSettings, world: World, monkeypatch: pytest.MonkeyPatch
+    sdb: Database, settings: EngineSettings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    base = await base_version(db, settings)
-    await shoppers(db, world, world.index, base, n=150)
+    db = sdb
     import train.feedback
 
     def disk_full(folder: Path, *args: object) -> None:
@@ -182,6 +219,7 @@ async def test_a_run_failing_midway_leaves_the_active_version_untouched(
         (folder / "index" / "features.npy").write_bytes(b"half")
         raise OSError(28, "No space left on device")
 
+    real_write = train.feedback._write_version
     monkeypatch.setattr(train.feedback, "_write_version", disk_full)
     with pytest.raises(OSError, match="No space"):
         await retrain_from_feedback_async(db, settings, options=FAST)
@@ -192,18 +230,12 @@ async def test_a_run_failing_midway_leaves_the_active_version_untouched(
     assert run.status == "failed" and "No space left" in run.log
     Index.load(settings.index_dir, expect_fingerprint="synthetic-fp")  # the live index is intact
 
-    monkeypatch.undo()  # and the next run works
+    monkeypatch.setattr(train.feedback, "_write_version", real_write)  # and the next run works
     assert (await retrain_from_feedback_async(db, settings, options=FAST)).promoted
 
 
-async def test_a_killed_run_leaves_everything_usable(tmp_path: Path, settings: EngineSettings, world: World) -> None:
-    url = f"sqlite+aiosqlite:///{tmp_path / 'ff.db'}"
-    db = await Database.open(url)
-    try:
-        base = await base_version(db, settings)
-        await shoppers(db, world, world.index, base, n=150)
-    finally:
-        await db.close()
+async def test_a_killed_run_leaves_everything_usable(tmp_path: Path, settings: EngineSettings, seeded: World) -> None:
+    url = db_url(tmp_path)
     marker = tmp_path / "learning"
     script = textwrap.dedent(
         f"""
@@ -214,12 +246,11 @@ async def test_a_killed_run_leaves_everything_usable(tmp_path: Path, settings: E
             if text.startswith("learning"):
                 pathlib.Path({str(marker)!r}).write_text("x")
                 time.sleep(120)  # killed here, in the middle of training
-        settings = EngineSettings(weights="IMAGENET1K_V2", index_dir=pathlib.Path({str(settings.index_dir)!r}), device="cpu",
-                                  data_dir=pathlib.Path({str(settings.data_dir)!r}))
+        settings = EngineSettings(weights="IMAGENET1K_V2", index_dir=pathlib.Path("data/index"), device="cpu", data_dir=pathlib.Path("data"))
         retrain_from_feedback({url!r}, settings, progress=progress)
         """
     )
-    child = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    child = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         for _ in range(600):
             if marker.exists() or child.poll() is not None:
@@ -245,17 +276,16 @@ async def test_a_killed_run_leaves_everything_usable(tmp_path: Path, settings: E
         await db.close()
 
 
-async def test_the_lock_refuses_a_second_run_and_records_nothing(db: Database, settings: EngineSettings, world: World) -> None:
-    await base_version(db, settings)
+async def test_the_lock_refuses_a_second_run_and_records_nothing(sdb: Database, settings: EngineSettings) -> None:
+    db = sdb
     with training_lock(settings.data_dir, "finetune"):
         with pytest.raises(TrainingLocked, match="a finetune run"):
             await retrain_from_feedback_async(db, settings, options=FAST)
     assert await db.list_training_runs() == []
 
 
-async def test_rollback_switches_back_and_refuses_broken_versions(db: Database, settings: EngineSettings, world: World) -> None:
-    base = await base_version(db, settings)
-    await shoppers(db, world, world.index, base, n=150)
+async def test_rollback_switches_back_and_refuses_broken_versions(sdb: Database, settings: EngineSettings) -> None:
+    db = sdb
     result = await retrain_from_feedback_async(db, settings, options=FAST)
     assert (await db.active_model_version()).name == result.version  # type: ignore[union-attr]
 
@@ -274,23 +304,14 @@ async def test_rollback_switches_back_and_refuses_broken_versions(db: Database, 
 async def test_feedback_from_another_backbone_is_left_out(db: Database, settings: EngineSettings, world: World) -> None:
     base = await base_version(db, settings)
     other = await db.create_model_version("finetuned", "/models/other.pth", str(settings.index_dir))
-    await shoppers(db, world, world.index, other.id, n=150)
+    await shoppers(db, world, world.index, other.id, n=45)
     await shoppers(db, world, world.index, base, n=5, seed=3)
     result = await retrain_from_feedback_async(db, settings, options=FAST)
     assert result.status == "insufficient" and result.metrics["searches"] == 5
 
 
-def test_blocking_variant_runs_in_a_worker_thread(tmp_path: Path, settings: EngineSettings, world: World) -> None:
-    url = f"sqlite+aiosqlite:///{tmp_path / 'ff.db'}"
-
-    async def seed() -> None:
-        db = await Database.open(url)
-        try:
-            await shoppers(db, world, world.index, await base_version(db, settings), n=150)
-        finally:
-            await db.close()
-
-    asyncio.run(seed())
+def test_blocking_variant_runs_in_a_worker_thread(tmp_path: Path, settings: EngineSettings, seeded: World) -> None:
+    url = db_url(tmp_path)
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(1) as pool:

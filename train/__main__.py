@@ -85,6 +85,7 @@ def parser() -> argparse.ArgumentParser:
     fb = sub.add_parser("feedback", help="retrain the search from logged 👍/👎 (what /retrain runs)")
     fb.add_argument("--min-searches", type=positive, help="rated searches needed (default 40)")
     fb.add_argument("--min-pairs", type=positive, help="(👍, 👎) pairs needed (default 100)")
+    fb.add_argument("--metric-steps", type=positive, help="optimisation steps of the metric (default 200)")
     evaluation(fb)
     common(fb)
 
@@ -99,6 +100,7 @@ def parser() -> argparse.ArgumentParser:
     sim.add_argument("--test-limit", type=positive, help="score on this many test photos (default all)")
     sim.add_argument("--eval-limit", type=positive, help="validation photos used to decide promotion (default all)")
     sim.add_argument("--rate-share", type=share, default=1.0, help="chance a shopper rates each result (default 1)")
+    sim.add_argument("--metric-steps", type=positive, help="optimisation steps of the metric (default 200)")
     common(sim)
 
     models = sub.add_parser("models", help="list model versions")
@@ -153,6 +155,8 @@ def cmd_feedback(args: argparse.Namespace, settings: EngineSettings, url: str) -
         opts = replace(opts, min_searches=args.min_searches)
     if args.min_pairs:
         opts = replace(opts, min_pairs=args.min_pairs)
+    if args.metric_steps:
+        opts = replace(opts, metric=replace(opts.metric, steps=args.metric_steps))
     result = retrain_from_feedback(url, settings, progress=progress_printer(), options=opts, activate=not args.no_activate)
     emit(f"{result.status}: {result.reason}", result.to_json(), args.json)
     return 0
@@ -177,6 +181,8 @@ def cmd_simulate(args: argparse.Namespace, settings: EngineSettings, url: str) -
         rate_share=args.rate_share,
         feedback=FeedbackOptions(eval_limit=args.eval_limit),
     )
+    if args.metric_steps:
+        opts = replace(opts, feedback=replace(opts.feedback, metric=replace(opts.feedback.metric, steps=args.metric_steps)))
     result = asyncio.run(simulate(args.catalog, args.queries, sim_settings, url, opts, categories=args.categories, progress=progress_printer()))
     fb = result.feedback
     summary = (

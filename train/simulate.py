@@ -13,7 +13,6 @@ the retraining produced (after), in the same run.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,9 +30,6 @@ from train.errors import TrainingError
 from train.evaluation import Benchmark, LabelledPhotos, embed_photos
 from train.feedback import FeedbackOptions, Progress, retrain_from_feedback_async
 from train.versions import BASE_VERSION, weights_spec
-
-log = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True)
 class SimulationOptions:
