@@ -63,3 +63,19 @@ def random_embedder():
 
     torch.manual_seed(0)
     return Embedder(None, "cpu")
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    """A fresh SQLite file for one test."""
+    return tmp_path / "ff.db"
+
+
+@pytest.fixture
+async def db(db_path: Path):
+    """A real, migrated SQLite database in ``db_path``, closed after the test."""
+    from ffengine.db import Database
+
+    database = await Database.open(f"sqlite+aiosqlite:///{db_path}")
+    yield database
+    await database.close()

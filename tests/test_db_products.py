@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -14,18 +13,6 @@ from sqlalchemy.exc import OperationalError
 from ffengine.catalog import MAX_ID_LENGTH, Product, read_catalog
 from ffengine.db import Database, UpsertResult
 from ffengine.db.models import PRODUCT_ID_MAX
-
-
-@pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "ff.db"
-
-
-@pytest.fixture
-async def db(db_path: Path) -> AsyncIterator[Database]:
-    database = await Database.open(f"sqlite+aiosqlite:///{db_path}")
-    yield database
-    await database.close()
 
 
 def product(pid: str, **changes: object) -> Product:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
@@ -12,18 +11,6 @@ from sqlalchemy.exc import IntegrityError
 
 from ffengine.db import Database, NotFound, StorageError, TrainingBusy
 from ffengine.db.training import LOG_MAX_CHARS
-
-
-@pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "ff.db"
-
-
-@pytest.fixture
-async def db(db_path: Path) -> AsyncIterator[Database]:
-    database = await Database.open(f"sqlite+aiosqlite:///{db_path}")
-    yield database
-    await database.close()
 
 
 def active_rows(db_path: Path) -> list[str]:
