@@ -8,8 +8,9 @@ actual tensor values, the preprocessing and the software versions, and written a
 checked against PyTorch on a probe batch before use: a bad cached file is deleted and
 exported again; if a fresh export fails too, the caller falls back to PyTorch.
 
-Batches are cut into micro-batches: ONNX Runtime is fastest at small batches on CPU
-(activations of a big batch no longer fit in cache), so a batch of 32 runs as 8 x 4.
+Batches are not run whole: on CPU, a big batch's activations no longer fit in cache, and
+MobileNetV2's layers are too small to split well across cores. A batch is cut into single
+pictures that run side by side, one per core; see :class:`OnnxRunner`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import tempfile
 import threading
 import warnings
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -32,14 +34,12 @@ from ffengine.runtime_torch import FeatureNet, TorchRunner
 log = logging.getLogger(__name__)
 
 #: Bump when the exported graph changes, so old cache files are not reused.
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2
 OPSET = 17
 INPUT_NAME = "pixels"
 OUTPUT_NAME = "features"
-#: Images per ``session.run``; measured best on a 2-core AVX-512 CPU (bench/embed_speed.py).
-MICRO_BATCH = 4
-#: How long idle pool threads spin before sleeping (us; 0 = never spin, None = ORT's default).
-SPIN_US: int | None = 50
+#: Pictures per ``session.run`` when a batch is spread over the cores (bench/embed_speed.py --sweep).
+MICRO_BATCH = 1
 #: Minimum cosine similarity between ONNX Runtime and PyTorch on the probe batch.
 MIN_PROBE_COSINE = 0.9999
 
@@ -176,47 +176,62 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 class OnnxRunner:
-    """One ONNX Runtime CPU session; ``runner(uint8 batch) -> (n, 1280) float32``.
+    """ONNX Runtime on CPU; ``runner(uint8 batch) -> (n, 1280) float32``.
+
+    Two sessions on the same model, because one picture and many pictures are best served
+    differently (measured in ``bench/embed_speed.py``):
+
+    * one picture: a session whose intra-op threads split every layer across all cores, and
+      spin only while a call runs (``force_spinning_stop``), so nothing burns CPU between photos;
+    * a batch: micro-batches of ``micro_batch`` pictures run side by side on a one-thread
+      session, one per core. MobileNetV2's layers are too small to split well (two threads
+      give ~1.3x one), so running pictures in parallel is faster, and it has no thread
+      barriers, so it degrades gracefully when decode threads or other processes share the
+      cores, where spinning intra-op pools lose 2-3x.
 
     ``session.run`` releases the GIL, so decode threads keep working while it computes.
-    Pool threads spin only briefly (``SPIN_US``) before sleeping: ONNX Runtime's default
-    long spin wins little on an idle machine but collapses throughput 2-3x when the cores
-    are shared (decode threads during an index build, other processes), because spinning
-    threads starve the very threads they wait for.
     """
 
     name = "onnx"
 
-    def __init__(self, model: bytes, *, threads: int | None = None, micro_batch: int = MICRO_BATCH, spin_us: int | None = SPIN_US) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or cpu_count()
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if spin_us is not None:  # None: ONNX Runtime's default spinning
-            options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_us > 0 else "0")
-            if spin_us > 0:
-                options.add_session_config_entry("session.intra_op.spin_duration_us", str(spin_us))
-        self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    def __init__(self, model: bytes, *, threads: int | None = None, micro_batch: int = MICRO_BATCH) -> None:
+        cores = threads or cpu_count()
+        self.single = _session(model, cores)
         self.micro_batch = max(1, micro_batch)
+        self._batched = _session(model, 1) if cores > 1 else self.single
+        self._pool = ThreadPoolExecutor(cores, thread_name_prefix="ffengine-onnx") if cores > 1 else None
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
+        if len(batch) == 1:
+            return self.single.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
         step = self.micro_batch
-        if len(batch) <= step:
-            return self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
-        out = np.empty((len(batch), self.session.get_outputs()[0].shape[1]), dtype=np.float32)
-        for start in range(0, len(batch), step):
-            out[start : start + step] = self.session.run([OUTPUT_NAME], {INPUT_NAME: batch[start : start + step]})[0]
-        return out
+        chunks = [batch[start : start + step] for start in range(0, len(batch), step)]
+        run = self._run_batched
+        parts = list(self._pool.map(run, chunks)) if self._pool is not None else [run(c) for c in chunks]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _run_batched(self, chunk: np.ndarray) -> np.ndarray:
+        return self._batched.run([OUTPUT_NAME], {INPUT_NAME: chunk})[0]
+
+
+def _session(model: bytes, threads: int):  # -> onnxruntime.InferenceSession
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads > 1:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 def probe(runner: OnnxRunner, net: FeatureNet, input_size: int) -> float:
     """Smallest cosine between ONNX Runtime and PyTorch features on a fixed random batch."""
     rng = np.random.default_rng(1234)
-    batch = rng.integers(0, 256, size=(2, input_size, input_size, 3), dtype=np.uint8)
-    got = runner(batch)
+    batch = rng.integers(0, 256, size=(3, input_size, input_size, 3), dtype=np.uint8)
+    got = np.concatenate([runner(batch[:1]), runner(batch[1:])])  # the one-picture and the batch paths
     want = TorchRunner(net, torch.device("cpu"))(batch)
     return float(cosine_rows(got, want).min())
 

@@ -42,7 +42,9 @@ class FeatureNet(torch.nn.Module):
         # NHWC uint8 viewed as NCHW is already channels_last in memory: no copy, and the
         # channels_last kernels of oneDNN / cuDNN take it as is.
         x = (pixels.permute(0, 3, 1, 2).float() - self.mean) * self.inv_std
-        return self.features(x).mean(dim=(2, 3))
+        # Global average pool as a pooling op (not ``mean``): ONNX Runtime then pools in its
+        # blocked layout instead of converting the 1280 x 7 x 7 map back first.
+        return torch.nn.functional.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
 
 
 class TorchRunner:
