@@ -62,6 +62,7 @@ class Config:
 
 
 PLAIN = {"coarse_dims": None}
+FLOATS = {"pq_subspaces": 0}
 CONFIGS = [
     Config("study: raw 1280-d, BallTree", Reduction(None, False), "balltree", PLAIN),
     Config("L2 1280-d, BallTree", Reduction(None, True), "balltree", PLAIN, skip=("200k",)),
@@ -69,10 +70,13 @@ CONFIGS = [
     Config("L2+PCA128, BallTree", Reduction(128, True), "balltree", PLAIN),
     Config("L2+PCA64, BallTree", Reduction(64, True), "balltree", PLAIN),
     Config("L2 1280-d, BallTree on PCA64 -> rerank 400", Reduction(None, True), "balltree", {"coarse_dims": 64, "shortlist": 400}),
-    Config("L2 1280-d, brute PCA64 -> rerank 200", Reduction(None, True), "shortlist", {"coarse_dims": 64, "shortlist": 200}),
-    Config("L2 1280-d, brute PCA64 -> rerank 400", Reduction(None, True), "shortlist", {"coarse_dims": 64, "shortlist": 400}),
-    Config("L2 1280-d, brute PCA128 -> rerank 100", Reduction(None, True), "shortlist", {"coarse_dims": 128, "shortlist": 100}),
-    Config("L2 1280-d, brute PCA128 -> rerank 200", Reduction(None, True), "shortlist", {"coarse_dims": 128, "shortlist": 200}),
+    Config("L2 1280-d, float scan PCA64 -> rerank 400", Reduction(None, True), "shortlist", {"coarse_dims": 64, "shortlist": 400, **FLOATS}),
+    Config("L2 1280-d, float scan PCA128 -> rerank 200", Reduction(None, True), "shortlist", {"coarse_dims": 128, "shortlist": 200, **FLOATS}),
+    Config("L2 1280-d, PQ PCA64 (32x4 bit) -> rerank 400", Reduction(None, True), "shortlist", {"coarse_dims": 64, "shortlist": 400}),
+    Config("L2 1280-d, PQ PCA128 (64x4 bit) -> rerank 200", Reduction(None, True), "shortlist", {"coarse_dims": 128, "shortlist": 200}),
+    Config("L2 1280-d, PQ PCA128 (64x4 bit) -> rerank 400", Reduction(None, True), "shortlist", {"coarse_dims": 128, "shortlist": 400}),
+    Config("L2 1280-d, PQ PCA128 (64x4 bit) -> rerank 800", Reduction(None, True), "shortlist", {"coarse_dims": 128, "shortlist": 800}),
+    Config("L2 1280-d, PQ PCA256 (128x4 bit) -> rerank 400", Reduction(None, True), "shortlist", {"coarse_dims": 256, "shortlist": 400}),
     Config("raw 1280-d, exact", Reduction(None, False), "exact"),
     Config("L2 1280-d, exact", Reduction(None, True), "exact"),
     Config("L2+PCA128, exact", Reduction(128, True), "exact"),
@@ -96,6 +100,8 @@ def nbytes(index: Index) -> int:
         total += sum(a.nbytes for a in tree.get_arrays())
     if getattr(searcher, "coarse", None) is not None:
         total += searcher.coarse.matrix.nbytes  # type: ignore[union-attr]
+        inner = searcher.inner  # type: ignore[union-attr]
+        total += getattr(inner, "vectors", np.zeros(0)).nbytes + (inner.index.code_size * inner.index.ntotal if hasattr(inner, "index") else 0)
     return total + getattr(searcher, "sq_norms", np.zeros(0)).nbytes
 
 

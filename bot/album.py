@@ -87,8 +87,8 @@ async def send_album(
 ) -> bool:
     """Send the products' photos with captions; returns False if only a text list could be sent.
 
-    New ``file_id`` s are stored by ``background`` (the Application's ``create_task``, which
-    shutdown waits for): the shopper's answer does not wait for those database writes.
+    New ``file_id`` s are stored by ``background`` (:meth:`bot.context.BackgroundTasks.spawn`,
+    which shutdown drains): the shopper's answer does not wait for those database writes.
     """
     file_ids = await db.get_photo_file_ids([r.product.id for r in recs])
     for attempt in ("stored", "fresh"):

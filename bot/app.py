@@ -2,8 +2,8 @@
 
 Start-up (``post_init``) opens the database, prepares what a first run lacks, loads the
 active model, starts the search batcher and publishes the command menus; shutdown
-(``post_shutdown``, after PTB has waited for in-flight handlers) drains the batcher and
-closes the database, so nothing is left half-written.
+(``post_shutdown``, after PTB has waited for in-flight handlers) drains the batcher and the
+handlers' background tasks and closes the database, so nothing is left half-written.
 """
 
 from __future__ import annotations
@@ -91,6 +91,7 @@ async def on_shutdown(app: Application) -> None:
     if svc is None:
         return
     await svc.batcher.close()
+    await svc.background.drain()  # their database writes, before the database closes
     await svc.db.close()
     log.info("stopped: searches drained, database closed")
 

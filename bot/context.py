@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections import OrderedDict
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +20,7 @@ from ffengine.db import Database
 if TYPE_CHECKING:
     from bot.retrain import Retrainer
 
+log = logging.getLogger(__name__)
 SERVICES = "services"
 SETTINGS = "settings"
 
@@ -54,6 +58,44 @@ class Throttle:
         return False
 
 
+class BackgroundTasks:
+    """Work a handler starts but does not wait for (storing an album's photo ``file_id`` s).
+
+    Not ``Application.create_task``: PTB only tracks tasks created while the application is
+    running, and a search still being answered during ``Application.stop`` (which waits for it)
+    would get an untracked task and a ``PTBUserWarning``, its database write racing the
+    database closing. These tasks are tracked whenever they start and drained at shutdown,
+    before the database closes.
+    """
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
+        return task
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task %s failed", task.get_name(), exc_info=task.exception())
+
+    async def drain(self, timeout: float = 10.0) -> None:
+        """Wait for every task (and any they start); cancel what is still running after ``timeout`` s."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while running := {task for task in self._tasks if not task.done()}:
+            _, pending = await asyncio.wait(running, timeout=max(0.0, deadline - loop.time()))
+            if pending:
+                log.warning("shutdown: cancelling %d background task(s) still running after %.0f s", len(pending), timeout)
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+                return
+
+
 @dataclass
 class BotServices:
     """Everything handlers share: storage, the current model, the search queue, per-user state."""
@@ -65,6 +107,7 @@ class BotServices:
     retrainer: Retrainer
     in_flight: set[int] = field(default_factory=set)  # users with a search running
     albums: RecentKeys = field(default_factory=RecentKeys)
+    background: BackgroundTasks = field(default_factory=BackgroundTasks)
     error_alerts: Throttle = field(default_factory=lambda: Throttle(60.0))
 
     def health(self) -> dict[str, Any]:

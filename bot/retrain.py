@@ -30,8 +30,48 @@ from ffengine.errors import FFError
 
 log = logging.getLogger(__name__)
 EDIT_EVERY_S = 3.0
+STARTED = "🏋️ Retraining from the logged feedback…"
 
 Progress = Callable[[float, str], None]
+
+
+class ProgressMessage:
+    """The run's status message, edited to show the newest progress line at most every ``EDIT_EVERY_S``.
+
+    :meth:`update` may be called from training threads; lines that come faster than the edits
+    are skipped. :meth:`close` lets an edit in flight finish rather than cancelling it, so that
+    it cannot reach Telegram after the final report.
+    """
+
+    def __init__(self, message: Message) -> None:
+        self.message = message
+        self._loop = asyncio.get_running_loop()
+        self._latest = ""
+        self._closed = asyncio.Event()
+        self._task = self._loop.create_task(self._show())
+
+    def update(self, fraction: float, text: str) -> None:
+        """A :data:`Progress` callback, safe from any thread."""
+        self._loop.call_soon_threadsafe(setattr, self, "_latest", f"🏋️ Retraining: {fraction:.0%} {text}".strip())
+
+    async def close(self) -> None:
+        self._closed.set()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _show(self) -> None:
+        shown = ""
+        while not await _set_within(self._closed, EDIT_EVERY_S):
+            if self._latest != shown:
+                shown = self._latest
+                with contextlib.suppress(TelegramError):
+                    await self.message.edit_text(shown)
+
+
+async def _set_within(event: asyncio.Event, seconds: float) -> bool:
+    """Whether ``event`` is set within ``seconds``."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), seconds)
+    return event.is_set()
 
 
 @dataclass(frozen=True)
@@ -70,17 +110,25 @@ class Retrainer:
         self.settings = settings
         self.train = train
         self._task: asyncio.Task | None = None
+        self._starting = asyncio.Lock()
 
     @property
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
-    def start(self, chat_id: int) -> bool:
-        """Begin a retraining reported to ``chat_id``; False if one is already running."""
-        if self.running:
-            return False
-        self._task = asyncio.get_running_loop().create_task(self._run(chat_id), name="ff-retrain")
-        return True
+    async def start(self, chat_id: int) -> bool:
+        """Begin a retraining reported to ``chat_id``; False if one is already running.
+
+        Returns once the run's status message is sent: a second /retrain's "already running"
+        (which waits for the lock) cannot reach the admin before the run it refers to, and a
+        status message that cannot be sent fails the command instead of a task nobody awaits.
+        """
+        async with self._starting:
+            if self.running:
+                return False
+            status = await self.app.bot.send_message(chat_id, STARTED)
+            self._task = asyncio.get_running_loop().create_task(self._run(chat_id, status), name="ff-retrain")
+            return True
 
     async def stop(self) -> None:
         """Shutdown: interrupt a running retraining (``train/`` removes what it had written)."""
@@ -88,28 +136,12 @@ class Retrainer:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    async def _run(self, chat_id: int) -> None:
-        bot = self.app.bot
-        status = await bot.send_message(chat_id, "🏋️ Retraining from the logged feedback…")
-        latest: list[str] = []
-        loop = asyncio.get_running_loop()
-
-        def progress(fraction: float, text: str) -> None:  # may be called from the training threads
-            loop.call_soon_threadsafe(latest.append, f"🏋️ Retraining: {fraction:.0%} {text}".strip())
-
-        async def show_progress() -> None:
-            shown = ""
-            while True:
-                await asyncio.sleep(EDIT_EVERY_S)
-                if latest and latest[-1] != shown:
-                    shown = latest[-1]
-                    with contextlib.suppress(TelegramError):
-                        await status.edit_text(shown)
-
-        ticker = asyncio.create_task(show_progress())
+    async def _run(self, chat_id: int, status: Message) -> None:
+        progress = ProgressMessage(status)
         started = time.monotonic()
+        text = "❌ Retraining stopped unexpectedly; see the log."  # a BaseException none of the below names
         try:
-            text = await self._apply(await self.train(self.db, self.settings, progress))
+            text = await self._apply(await self.train(self.db, self.settings, progress.update))
         except asyncio.CancelledError:
             text = "⏹ Retraining interrupted: the bot is shutting down. Nothing was changed."
             raise
@@ -119,12 +151,12 @@ class Retrainer:
             log.exception("retraining failed")
             text = f"❌ Retraining failed ({type(exc).__name__}); see the log."
         finally:
-            ticker.cancel()
-            await asyncio.shield(self._report(status, chat_id, f"{text}\n({time.monotonic() - started:.0f} s)"))
+            await asyncio.shield(self._report(progress, chat_id, f"{text}\n({time.monotonic() - started:.0f} s)"))
 
-    async def _report(self, status: Message, chat_id: int, text: str) -> None:
+    async def _report(self, progress: ProgressMessage, chat_id: int, text: str) -> None:
+        await progress.close()  # no progress edit may land after (and hide) the result
         try:
-            await status.edit_text(text)
+            await progress.message.edit_text(text)
         except TelegramError:
             with contextlib.suppress(TelegramError):
                 await self.app.bot.send_message(chat_id, text)

@@ -3,12 +3,16 @@
 The study embedded one photo at a time (~34 img/s, decode bound). Here the work is
 a pipeline on an asyncio loop that only coordinates:
 
-* a thread pool reads each file (or :mod:`ffengine.fetch` downloads it), hashes the
+* a thread pool reads each file (or :mod:`ffengine.fetch` downloads it, revalidating
+  the copy in the :class:`~ffengine.httpcache.HttpCache` beside the embedding cache), hashes the
   bytes, looks the hash up in the :class:`~ffengine.cache.EmbeddingCache`, and only on
   a miss decodes (:func:`~ffengine.images.load_image`) and runs ``embedder.prepare``;
-  PIL and hashlib release the GIL, so this overlaps with
-* one model thread that runs ``embedder.embed_arrays`` on batches and stores the new
-  features in the cache.
+* with ONNX Runtime on CPU the same worker then embeds its picture on its own thread
+  (a single-threaded session per call, one worker per core plus one): no hand-off and
+  no batching, which costs ~20% less CPU per image than a separate model thread;
+* with any other runtime (PyTorch on GPU) one model thread runs ``embedder.embed_arrays``
+  on batches instead. PIL, hashlib and the runtimes release the GIL, so all of this
+  overlaps; new features go to the cache as they come.
 
 A bounded number of images is in flight, so memory stays flat for any catalogue size.
 A photo that cannot be read, downloaded or decoded becomes a :class:`Problem` with the
@@ -41,8 +45,8 @@ from ffengine.cache import EmbeddingCache, content_hash
 from ffengine.catalog import CatalogReadResult, Problem, Product, no_usable_product, read_catalog
 from ffengine.errors import CatalogError, ImageRejected
 from ffengine.fetch import Fetcher, FetchError, FetchSettings, redact_url
-from ffengine.images import MAX_BYTES, load_image
-from ffengine.images import _read as read_image_source
+from ffengine.httpcache import HttpCache
+from ffengine.images import MAX_BYTES, load_image, read_image_bytes
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +86,9 @@ class BuildReport:
     images_per_s: float
     catalog_hash: str
     fingerprint: str
+    #: Remote images whose bytes were downloaded, and those the server confirmed unchanged (HTTP cache).
     downloaded: int = 0
+    revalidated: int = 0
     #: Of ``seconds``: reading + embedding, and writing the index (0 until it is written).
     embed_seconds: float = 0.0
     index_seconds: float = 0.0
@@ -94,6 +100,7 @@ class BuildReport:
         lines = [
             f"{self.products} products indexed ({self.embedded} embedded, {self.cached} from cache"
             + (f", {self.downloaded} downloaded" if self.downloaded else "")
+            + (f", {self.revalidated} unchanged on the server" if self.revalidated else "")
             + f"), {len(self.skipped)} skipped; {self.seconds:.1f} s, {self.images_per_s:.0f} images/s"
         ]
         if self.out_dir is not None:
@@ -111,6 +118,7 @@ class BuildReport:
             "embedded": self.embedded,
             "cached": self.cached,
             "downloaded": self.downloaded,
+            "revalidated": self.revalidated,
             "seconds": round(self.seconds, 3),
             "images_per_s": round(self.images_per_s, 1),
             "embed_seconds": round(self.embed_seconds, 3),
@@ -225,13 +233,15 @@ async def aembed_catalog(
     else:
         read = await asyncio.to_thread(read_catalog, catalog, limit=limit)
     cache = EmbeddingCache(cache_dir, embedder.fingerprint, embedder.dim) if cache_dir is not None else None
+    http_cache = HttpCache.beside(cache_dir) if cache_dir is not None else None
     fetch = fetch or FetchSettings()
-    workers = workers or os.cpu_count() or 2
+    inline = _embeds_inline(embedder)
+    workers = workers or (os.cpu_count() or 2) + (1 if inline else 0)  # inline: one spare for file reads
 
     pool = ThreadPoolExecutor(workers, thread_name_prefix="ff-decode")
     model = ThreadPoolExecutor(1, thread_name_prefix="ff-embed")
     try:
-        run = _Run(read, embedder, cache, fetch, pool, model, batch_size, progress)
+        run = _Run(read, embedder, cache, http_cache, fetch, pool, model, batch_size, progress)
         await run.go(in_flight=max(2 * batch_size, 4 * workers, fetch.concurrency))
     finally:  # all work is done unless we are failing; never wait for threads on the loop
         pool.shutdown(wait=False, cancel_futures=True)
@@ -257,6 +267,7 @@ async def aembed_catalog(
         catalog_hash=digest,
         fingerprint=embedder.fingerprint,
         downloaded=run.downloaded,
+        revalidated=run.revalidated,
         catalog=read.path,
     )
     return EmbeddedCatalog(features, products, hashes, report)
@@ -287,6 +298,7 @@ class _Run:
         read: CatalogReadResult,
         embedder: FeatureExtractor,
         cache: EmbeddingCache | None,
+        http_cache: HttpCache | None,
         fetch: FetchSettings,
         pool: ThreadPoolExecutor,
         model: ThreadPoolExecutor,
@@ -296,15 +308,17 @@ class _Run:
         self.read = read
         self.embedder = embedder
         self.cache = cache
+        self.http_cache = http_cache
         self.fetch = fetch
         self.pool = pool
         self.model = model
         self.batch_size = batch_size
+        self.inline = _embeds_inline(embedder)
         n = len(read.products)
         self.features = np.zeros((n, embedder.dim), dtype=np.float32)
         self.hashes: list[str] = [""] * n
         self.failures: dict[int, Problem] = {}
-        self.embedded = self.cached = self.downloaded = 0
+        self.embedded = self.cached = self.downloaded = self.revalidated = 0
         self.bar = tqdm(total=n, unit="img", desc="embedding", file=sys.stderr, disable=not progress, mininterval=0.5, dynamic_ncols=True)
         self._waiting: list[tuple[str, np.ndarray, asyncio.Future[np.ndarray]]] = []
         self._producers = 0
@@ -316,10 +330,12 @@ class _Run:
         try:
             async with AsyncExitStack() as stack:
                 needs_fetch = any(p.is_remote for p in self.read.products)
-                fetcher = await stack.enter_async_context(Fetcher(self.fetch)) if needs_fetch else None
+                fetcher = await stack.enter_async_context(Fetcher(self.fetch, self.http_cache)) if needs_fetch else None
                 async with asyncio.TaskGroup() as group:
                     for _ in range(self._producers):
                         group.create_task(self._worker(todo, fetcher))
+                if fetcher is not None:
+                    self.downloaded, self.revalidated = fetcher.downloaded, fetcher.revalidated
         except ExceptionGroup as failed:  # the same fault reaches every waiting worker: report it once
             raise failed.exceptions[0] from None
         finally:
@@ -340,10 +356,9 @@ class _Run:
             if product.is_remote:
                 assert fetcher is not None
                 source: str | bytes = await fetcher.get(product.image)
-                self.downloaded += 1
             else:
                 source = product.image
-            digest, feature, pixels = await loop.run_in_executor(self.pool, self._inspect, source)
+            digest, feature, pixels, fresh = await loop.run_in_executor(self.pool, self._inspect, source)
         except (ImageRejected, FetchError) as exc:
             self.failures[i] = Problem(self.read.lines[i], product.id, _describe(exc, product))
             self.bar.update()
@@ -352,27 +367,38 @@ class _Run:
         if feature is None:
             assert pixels is not None
             feature = await self._embed(digest, pixels)
+        if fresh:
             self.embedded += 1
         else:
             self.cached += 1
         self.features[i] = feature
         self.bar.update()
 
-    def _inspect(self, source: str | bytes) -> tuple[str, np.ndarray | None, np.ndarray | None]:
-        """Worker thread: bytes -> (sha256, cached feature) or (sha256, prepared pixels)."""
-        data = source if isinstance(source, bytes) else read_image_source(source, MAX_BYTES)
+    def _inspect(self, source: str | bytes) -> tuple[str, np.ndarray | None, np.ndarray | None, bool]:
+        """Worker thread: bytes -> ``(sha256, feature, pixels, embedded now)``.
+
+        A cached feature comes back as is. Otherwise the picture is decoded and prepared, and
+        either embedded right here (:attr:`inline`: one picture per worker thread, no hand-off)
+        or its pixels go back for the model thread's next batch (``feature`` is then ``None``).
+        """
+        data = source if isinstance(source, bytes) else read_image_bytes(source, MAX_BYTES)
         digest = content_hash(data)
         if self.cache is not None:
             cached = self.cache.get(digest)
             if cached is not None:
-                return digest, cached, None
+                return digest, cached, None, False
         image = load_image(data)
         try:
             pixels = self.embedder.prepare([image])[0]
         except Exception as exc:  # a decoded picture the resizer still chokes on: skip it, but say so loudly
             log.exception("cannot prepare a decoded image (sha256 %s)", digest)
             raise ImageRejected(f"cannot prepare the image ({type(exc).__name__}: {str(exc)[:100]})", "unpreparable") from None
-        return digest, None, pixels
+        if not self.inline:
+            return digest, None, pixels, True
+        feature = self.embedder.embed_arrays(pixels[None], on_caller_thread=True)[0]  # type: ignore[call-arg]
+        if self.cache is not None:
+            self.cache.put(digest, feature)
+        return digest, feature, None, True
 
     async def _embed(self, digest: str, pixels: np.ndarray) -> np.ndarray:
         """Queue one prepared image for the next batch and wait for its feature."""
@@ -413,6 +439,13 @@ class _Run:
             for (digest, _), feature in zip(items, features, strict=True):
                 self.cache.put(digest, feature)
         return features
+
+
+def _embeds_inline(embedder: FeatureExtractor) -> bool:
+    """Whether each decode worker should embed its own picture (see ``Embedder.wants_one_picture_per_thread``):
+    ONNX Runtime on CPU runs fastest as one single-threaded call per core, and skipping the hand-off
+    to a model thread saves ~20% CPU per image (bench/build_speed.py). Batching wins everywhere else (GPU)."""
+    return bool(getattr(embedder, "wants_one_picture_per_thread", False))
 
 
 def _describe(exc: ImageRejected | FetchError, product: Product) -> str:

@@ -18,7 +18,9 @@ import logging
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -38,6 +40,23 @@ def fingerprint_dir_name(fingerprint: str) -> str:
     if _SAFE_NAME.match(fingerprint):
         return fingerprint
     return "fp-" + hashlib.sha256(fingerprint.encode()).hexdigest()[:32]
+
+
+def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Create or replace ``path`` with what ``write`` puts in a file object, all or nothing.
+
+    A temp file in the same folder, renamed over ``path``: a crash or a concurrent writer never
+    leaves a half-written file under the final name. Raises ``OSError`` when the disk refuses.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:8]}-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class EmbeddingCache:
@@ -83,17 +102,8 @@ class EmbeddingCache:
         feature = np.ascontiguousarray(feature, dtype=np.float32)
         if feature.shape != (self.dim,):
             raise ValueError(f"expected a ({self.dim},) feature, got {feature.shape}")
-        path = self.path(digest)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{digest[:8]}-", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    np.save(fh, feature, allow_pickle=False)
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            write_atomic(self.path(digest), lambda fh: np.save(fh, feature, allow_pickle=False))
         except OSError as exc:
             if not self._warned:
                 log.warning("embedding cache %s is not writable (%s); continuing without caching", self.root, exc)

@@ -118,8 +118,18 @@ class Embedder:
             out[i] = square_crop(img, self.preprocess.resize, size)
         return out
 
-    def embed_arrays(self, batch: np.ndarray) -> np.ndarray:
-        """``(n, S, S, 3)`` uint8 (from :meth:`prepare`) -> ``(n, 1280)`` C-contiguous float32."""
+    @property
+    def wants_one_picture_per_thread(self) -> bool:
+        """True when throughput is best with one picture per call from one worker thread per
+        core (ONNX Runtime on CPU, ``embed_arrays(..., on_caller_thread=True)``) rather than batches."""
+        return isinstance(self._runner, runtime_onnx.OnnxRunner)
+
+    def embed_arrays(self, batch: np.ndarray, *, on_caller_thread: bool = False) -> np.ndarray:
+        """``(n, S, S, 3)`` uint8 (from :meth:`prepare`) -> ``(n, 1280)`` C-contiguous float32.
+
+        ``on_caller_thread``: compute on the calling thread only, concurrently with other such
+        calls (see :attr:`wants_one_picture_per_thread`); other runtimes ignore it.
+        """
         size = self.preprocess.input_size
         if batch.ndim != 4 or batch.shape[1:] != (size, size, 3) or batch.dtype != np.uint8:
             raise ValueError(f"expected an (n, {size}, {size}, 3) uint8 batch from prepare(), got {batch.dtype} {batch.shape}")
@@ -129,8 +139,10 @@ class Embedder:
         with self._lock:
             if self._watch is not None and self._tensor_version() != self._exported_version:
                 self._use_onnx()  # the weights were trained in place since the export
-            feats = self._runner(batch)
-        return np.ascontiguousarray(feats, dtype=np.float32)
+            runner = self._runner
+            if not (on_caller_thread and isinstance(runner, runtime_onnx.OnnxRunner)):
+                return np.ascontiguousarray(runner(batch), dtype=np.float32)
+        return np.ascontiguousarray(runner.run_here(batch), dtype=np.float32)
 
     def embed(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
         """RGB pictures -> ``(n, 1280)`` C-contiguous float32 features, in input order."""

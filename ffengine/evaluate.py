@@ -13,12 +13,16 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Literal, overload
 
 import numpy as np
 
 from ffengine.catalog import CatalogReadResult, Product
+from ffengine.errors import CatalogError
 from ffengine.recommend import Recommendation
+
+if TYPE_CHECKING:  # for annotations only: embed_photos imports ffengine.build when it runs
+    from ffengine.build import FeatureExtractor
 
 SPLITS = ("train", "validation", "test")
 
@@ -41,21 +45,70 @@ def read_category_map(path: str | os.PathLike[str]) -> dict[str, frozenset[str]]
         }
 
 
+@overload
 def embed_photos(
-    photos: Sequence[Path], embedder: Any, *, cache_dir: str | os.PathLike[str] | None = None, progress: bool = False
-) -> np.ndarray:
-    """``(n, 1280)`` features of labelled photos, through the catalogue pipeline and its cache.
+    photos: Sequence[str | os.PathLike[str]],
+    embedder: FeatureExtractor,
+    *,
+    cache_dir: str | os.PathLike[str] | None = ...,
+    progress: bool = ...,
+    skip_unreadable: Literal[False] = ...,
+) -> np.ndarray: ...
 
-    Raises ``ValueError`` naming the photos that could not be embedded (rows must stay aligned with labels).
+
+@overload
+def embed_photos(
+    photos: Sequence[str | os.PathLike[str]],
+    embedder: FeatureExtractor,
+    *,
+    cache_dir: str | os.PathLike[str] | None = ...,
+    progress: bool = ...,
+    skip_unreadable: Literal[True],
+) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+def embed_photos(
+    photos: Sequence[str | os.PathLike[str]],
+    embedder: FeatureExtractor,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    progress: bool = False,
+    skip_unreadable: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """``(n, dim)`` features of photos, row-aligned with ``photos``, through the catalogue pipeline and its cache.
+
+    One path for benchmarks and ``train/``, so both reuse the same cached features. By default a photo
+    that cannot be embedded raises ``ValueError`` naming it (rows must stay aligned with labels);
+    with ``skip_unreadable`` it gets a zero row instead and ``(features, ok (n,) bool)`` is returned
+    for the caller to drop it.
     """
+    feats, ok, problem = _embed_rows(photos, embedder, cache_dir, progress)
+    if skip_unreadable:
+        return feats, ok
+    if problem:
+        raise ValueError(f"{len(ok) - int(ok.sum())} photo(s) could not be embedded: {problem}")
+    return feats
+
+
+def _embed_rows(
+    photos: Sequence[str | os.PathLike[str]], embedder: FeatureExtractor, cache_dir: str | os.PathLike[str] | None, progress: bool
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """``(features with zero rows for failures, ok mask, the first failure or "")``."""
     from ffengine.build import embed_catalog
 
-    products = [Product(id=str(i), title=p.name, url=f"https://photos.invalid/{i}", image=str(Path(p).resolve())) for i, p in enumerate(photos)]
+    feats = np.zeros((len(photos), embedder.dim), np.float32)
+    ok = np.zeros(len(photos), bool)
+    if not photos:
+        return feats, ok, ""
+    products = [Product(id=str(i), title=Path(p).name, url=f"https://photos.invalid/{i}", image=str(Path(p).resolve())) for i, p in enumerate(photos)]
     read = CatalogReadResult(products, [], list(range(1, len(products) + 1)), Path("photos"))
-    done = embed_catalog(read, embedder, cache_dir=cache_dir, progress=progress)
-    if done.report.skipped:
-        raise ValueError(f"{len(done.report.skipped)} photo(s) could not be embedded: {done.report.skipped[0]}")
-    return done.features
+    try:
+        done = embed_catalog(read, embedder, cache_dir=cache_dir, progress=progress)
+    except CatalogError as exc:  # not one photo could be embedded
+        return feats, ok, str(exc)
+    rows = [int(p.id) for p in done.products]
+    feats[rows], ok[rows] = done.features, True
+    return feats, ok, str(done.report.skipped[0]) if done.report.skipped else ""
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,9 @@ send an HTML error page with status 200. :class:`Fetcher` bounds concurrency, gi
 every attempt a timeout, caps the body size while streaming (before it is all in
 memory), and retries only what can succeed on a second try (timeouts, dropped
 connections, 408/429/5xx) with exponential backoff and jitter, honouring a short
-``Retry-After``. It returns the raw bytes; whether they are a usable image is decided
-by :func:`ffengine.images.load_image`, the one place images are decoded.
+``Retry-After``. With an :class:`~ffengine.httpcache.HttpCache` it asks only for images
+that changed since the last download. It returns the raw bytes; whether they are a usable
+image is decided by :func:`ffengine.images.load_image`, the one place images are decoded.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 
 from ffengine.errors import FFError
+from ffengine.httpcache import CachedBody, HttpCache, Validators
 from ffengine.images import MAX_BYTES
 
 log = logging.getLogger(__name__)
@@ -76,12 +78,16 @@ class Fetcher:
     """``async with Fetcher(settings) as f: data = await f.get(url)``.
 
     At most ``settings.concurrency`` downloads run at once, however many callers wait.
-    ``attempts`` counts HTTP attempts made (for reports).
+    With a ``cache``, a stored copy is revalidated instead of downloaded again
+    (see :mod:`ffengine.httpcache`). For reports: ``attempts`` counts HTTP attempts made,
+    ``downloaded`` the bodies received, ``revalidated`` the stored bodies the server
+    confirmed unchanged (``304 Not Modified``).
     """
 
-    def __init__(self, settings: FetchSettings | None = None) -> None:
+    def __init__(self, settings: FetchSettings | None = None, cache: HttpCache | None = None) -> None:
         self.settings = settings or FetchSettings()
-        self.attempts = 0
+        self.cache = cache
+        self.attempts = self.downloaded = self.revalidated = 0
         self._session: aiohttp.ClientSession | None = None
         self._slots = asyncio.Semaphore(self.settings.concurrency)
 
@@ -105,10 +111,11 @@ class Fetcher:
         if self._session is None:
             raise RuntimeError("use 'async with Fetcher(...)' before calling get()")
         s = self.settings
+        stored = await asyncio.to_thread(self.cache.get, url, s.max_bytes) if self.cache is not None else None
         for attempt in range(s.retries + 1):
             try:
                 async with self._slots:
-                    return await self._attempt(url)
+                    return await self._attempt(url, stored)
             except _Retryable as failure:
                 if attempt == s.retries:
                     raise failure.error from None
@@ -119,25 +126,23 @@ class Fetcher:
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _attempt(self, url: str) -> bytes:
+    async def _attempt(self, url: str, stored: CachedBody | None) -> bytes:
+        """One request: conditional when a copy is ``stored``, which a 304 answer returns."""
         assert self._session is not None
         s = self.settings
         self.attempts += 1
         try:
-            async with self._session.get(url) as resp:
+            async with self._session.get(url, headers=stored.validators.conditional_headers() if stored else None) as resp:
+                if resp.status == 304 and stored is not None:
+                    self.revalidated += 1
+                    return stored.body
                 if resp.status != 200:
                     error = FetchError(f"HTTP {resp.status} {resp.reason or ''}".strip(), f"http_{resp.status}")
                     if resp.status in RETRY_STATUSES:
                         raise _Retryable(error, _retry_after(resp.headers.get("Retry-After")))
                     raise error
-                if resp.content_length is not None and resp.content_length > s.max_bytes:
-                    raise _too_large(resp.content_length, s.max_bytes)
-                body = bytearray()
-                async for chunk in resp.content.iter_chunked(CHUNK):
-                    body += chunk
-                    if len(body) > s.max_bytes:
-                        raise _too_large(None, s.max_bytes)
-                return bytes(body)
+                body = await self._read_body(resp)
+                validators = Validators.from_headers(resp.headers)
         except (FetchError, _Retryable):
             raise
         except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError):
@@ -148,6 +153,22 @@ class Fetcher:
             raise _Retryable(FetchError(f"no complete answer within {s.timeout_s:g} s", "timeout")) from None
         except aiohttp.ClientError as exc:
             raise _Retryable(FetchError(f"connection failed ({type(exc).__name__}: {str(exc)[:120]})", "connection")) from None
+        self.downloaded += 1
+        if self.cache is not None:  # replaces the stored copy (or drops it: the new answer cannot be revalidated)
+            await asyncio.to_thread(self.cache.store, url, body, validators)
+        return body
+
+    async def _read_body(self, resp: aiohttp.ClientResponse) -> bytes:
+        """The whole body, refused as soon as it is known to exceed ``max_bytes``."""
+        limit = self.settings.max_bytes
+        if resp.content_length is not None and resp.content_length > limit:
+            raise _too_large(resp.content_length, limit)
+        body = bytearray()
+        async for chunk in resp.content.iter_chunked(CHUNK):
+            body += chunk
+            if len(body) > limit:
+                raise _too_large(None, limit)
+        return bytes(body)
 
 
 def redact_url(url: str) -> str:

@@ -31,7 +31,14 @@ FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
 ImageSource = bytes | bytearray | memoryview | str | os.PathLike[str]
 
 
-def _read(source: ImageSource, max_bytes: int) -> bytes:
+def read_image_bytes(source: ImageSource, max_bytes: int = MAX_BYTES) -> bytes:
+    """The encoded bytes of ``source`` (bytes or a path), refused before decoding if missing, empty or too large.
+
+    Public so that callers which need the raw bytes too (the index build hashes them for its
+    cache) apply exactly the same checks as :func:`load_image`; a path's size is checked
+    before the file is read, so a huge file is never loaded into memory.
+    Raises :class:`ImageRejected` (``not_found``, ``unreadable``, ``empty``, ``too_large``).
+    """
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
     else:
@@ -77,7 +84,7 @@ def load_image(
 
     Raises :class:`ImageRejected` with a user-readable message on bad input.
     """
-    data = _read(source, max_bytes)
+    data = read_image_bytes(source, max_bytes)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -14,10 +14,11 @@ and search structures are rebuilt at load instead of being unpickled. Writes are
 index is written to a sibling ``<out>.tmp-XXXX`` directory, fsynced, then swapped in by rename,
 so :meth:`Index.load` never sees a half-written directory.
 
-Search is Euclidean in the projected space. Backends: ``shortlist`` (default: brute force over a
-small PCA copy for a few hundred candidates, re-ranked exactly), ``balltree`` (scikit-learn's
-BallTree, as in the study) and ``exact`` (brute force, the yardstick). README and
-bench/index_speed.py say why the default is what it is.
+Search is Euclidean in the projected space. Backends: ``shortlist`` (default: a few hundred
+candidates from compact codes of a PCA copy, scanned with FAISS's 4-bit product-quantisation
+fast-scan kernels, then re-ranked exactly), ``balltree`` (scikit-learn's BallTree, as in the
+study) and ``exact`` (brute force, the yardstick). README and bench/index_speed.py say why the
+default is what it is.
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ PCA_FIT_ROWS = 20_000
 RERANK_BLOCK_BYTES = 16 << 20
 #: Rows for the shortlist's PCA, fitted at every load (it only picks candidates, so a sample will do).
 COARSE_FIT_ROWS = 2_000
+#: Fewest rows worth product quantisation: FAISS trains 16 centroids per subspace and wants ~40
+#: rows per centroid; below this a float scan of the PCA copy is cheap anyway.
+PQ_MIN_ROWS = 1_000
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -244,13 +248,36 @@ class BallTreeSearcher:
         return dist.astype(np.float32), idx.astype(np.int64)
 
 
+class PQSearcher:
+    """FAISS ``IndexPQFastScan``: ``subspaces`` 4-bit codes per vector, scanned with SIMD lookup tables.
+
+    Scores are approximate (a candidate source, never an answer): a 44k x 128 float copy is
+    22 MB to stream per query, its 64 four-bit codes 1.4 MB. Rebuilt (trained) at every load,
+    like the BallTree, so nothing FAISS-specific is ever read from disk.
+    """
+
+    def __init__(self, vectors: np.ndarray, subspaces: int) -> None:
+        import faiss
+
+        self.index = faiss.IndexPQFastScan(vectors.shape[1], subspaces, 4)
+        data = np.ascontiguousarray(vectors, dtype=np.float32)
+        self.index.train(data)
+        self.index.add(data)
+
+    def candidates(self, queries: np.ndarray, c: int) -> np.ndarray:
+        """The ``c`` rows with the smallest approximate distance per query."""
+        _, rows = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), min(c, self.index.ntotal))
+        return rows.astype(np.int64)
+
+
 class ShortlistSearcher:
     """Candidates from a PCA of the vectors, then their exact distances in the full vector space.
 
     A search reads every vector it scores; at 44k x 1280 that is 227 MB per query. Scoring a
-    ``coarse_dims`` PCA copy instead (:func:`quick_pca`, fitted here, at load) and re-ranking ``shortlist`` candidates exactly gives the exact answer whenever the true
-    neighbours make the shortlist; bench/index_speed.py measures how often (recall@5).
-    ``inner`` searches the PCA copy: brute force (backend ``shortlist``) or a BallTree.
+    ``coarse_dims`` PCA copy instead (:func:`quick_pca`, fitted here, at load) and re-ranking
+    ``shortlist`` candidates exactly gives the exact answer whenever the true neighbours make the
+    shortlist; bench/index_speed.py measures how often (recall@5). ``inner`` searches the PCA
+    copy: product-quantised codes (:class:`PQSearcher`), brute force or a BallTree.
     """
 
     def __init__(self, vectors: np.ndarray, coarse_dims: int, shortlist: int, inner: Any = ExactSearcher) -> None:
@@ -315,16 +342,18 @@ def blocks(shape: tuple[int, int], dim: int) -> list[tuple[slice, slice]]:
 
 #: Options each backend takes (``write_index(**options)``), with their smallest allowed value.
 BACKEND_OPTIONS: dict[str, dict[str, int]] = {
-    "shortlist": {"coarse_dims": 1, "shortlist": 1},
+    "shortlist": {"coarse_dims": 1, "shortlist": 1, "pq_subspaces": 0},
     "balltree": {"leaf_size": 1, "coarse_dims": 1, "shortlist": 1},
     "exact": {},
 }
 BACKENDS = tuple(BACKEND_OPTIONS)
 #: What an index uses unless told otherwise; chosen from bench/index_speed.py (see README).
 DEFAULT_BACKEND = "shortlist"
-#: A backend's options when the caller names none (``coarse_dims=None``: no PCA shortlist, search the vectors).
+#: A backend's options when the caller names none (``coarse_dims=None``: no PCA shortlist, search the
+#: vectors; ``pq_subspaces``: 4-bit codes per vector, ``None`` = one per two PCA dimensions, ``0`` = scan
+#: the PCA copy as floats instead).
 DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
-    "shortlist": {"coarse_dims": 64, "shortlist": 400},
+    "shortlist": {"coarse_dims": 128, "shortlist": 400, "pq_subspaces": None},
     "balltree": {"leaf_size": 40, "coarse_dims": None, "shortlist": 400},
     "exact": {},
 }
@@ -349,6 +378,14 @@ def check_options(backend: str, options: dict[str, Any]) -> None:
             raise ValueError(f"backend {backend!r} takes no option {name!r} (it takes: {', '.join(allowed) or 'none'})")
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < allowed[name]):
             raise ValueError(f"option {name} must be a whole number >= {allowed[name]}, got {value!r}")
+    coarse, subspaces = options.get("coarse_dims"), options.get("pq_subspaces")
+    if coarse and subspaces and coarse % subspaces:
+        raise ValueError(f"pq_subspaces ({subspaces}) must divide coarse_dims ({coarse})")
+
+
+def pq_subspaces(dims: int) -> int:
+    """Default code size: one 4-bit code per two dimensions (per dimension when ``dims`` is odd)."""
+    return dims // 2 if dims % 2 == 0 else dims
 
 
 def make_searcher(backend: str, vectors: np.ndarray, options: dict[str, Any]) -> Searcher:
@@ -361,9 +398,12 @@ def make_searcher(backend: str, vectors: np.ndarray, options: dict[str, Any]) ->
         leaf = int(options["leaf_size"])
         inner = lambda data: BallTreeSearcher(data, leaf)  # noqa: E731
     coarse = options.get("coarse_dims")
+    if backend == "shortlist" and coarse and options["pq_subspaces"] != 0 and len(vectors) >= PQ_MIN_ROWS:
+        subspaces = options["pq_subspaces"] or pq_subspaces(coarse)
+        inner = lambda data: PQSearcher(data, subspaces)  # noqa: E731
     if coarse and coarse < min(vectors.shape):
         return ShortlistSearcher(vectors, int(coarse), int(options["shortlist"]), inner)
-    return inner(vectors)
+    return inner(vectors) if backend == "balltree" else ExactSearcher(vectors)
 
 
 class Index:

@@ -190,6 +190,8 @@ class OnnxRunner:
       cores, where spinning intra-op pools lose 2-3x.
 
     ``session.run`` releases the GIL, so decode threads keep working while it computes.
+    :meth:`run_here` serves callers that already keep one worker thread per core (the index
+    build decodes and embeds each picture on the same thread: no hand-offs, no batching).
     """
 
     name = "onnx"
@@ -210,8 +212,11 @@ class OnnxRunner:
         parts = list(self._pool.map(run, chunks)) if self._pool is not None else [run(c) for c in chunks]
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def _run_batched(self, chunk: np.ndarray) -> np.ndarray:
-        return self._batched.run([OUTPUT_NAME], {INPUT_NAME: chunk})[0]
+    def run_here(self, batch: np.ndarray) -> np.ndarray:
+        """Features computed on the calling thread only (one core); safe from many threads at once."""
+        return self._batched.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+
+    _run_batched = run_here
 
 
 def _session(model: bytes, threads: int):  # -> onnxruntime.InferenceSession

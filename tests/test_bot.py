@@ -31,6 +31,8 @@ from bot import texts
 from bot.app import build_application
 from bot.config import BotSettings
 from bot.context import BotServices, services
+from bot.retrain import STARTED as RETRAIN_STARTED
+from bot.retrain import RetrainReport
 from bot.runner import running
 from tests.conftest import make_image
 from tests.fake_bot_api import FakeBotAPI
@@ -489,20 +491,45 @@ async def seed_consistent_feedback(shop: Running, n: int, first_uid: int) -> Non
             await db.rate(first_uid + i, rec_id, 1 if int(rec.product.id[1:]) < 8 else -1)
 
 
-async def test_admin_retrain_switches_to_the_new_version_and_rollback_switches_back(shop: Running) -> None:
+@dataclass(frozen=True)
+class RetrainChat:
+    """What the admin's chat got during one /retrain: new messages (in order) and the edits of the status message."""
+
+    sent: list[str]
+    edits: list[str]
+
+
+def retrain_chat(shop: Running, since: int) -> RetrainChat:
+    """The admin's messages and status-message edits among ``shop.fake.calls[since:]`` (in arrival order)."""
+    calls = [c for c in shop.fake.calls[since:] if c.ok and c.params.get("chat_id") == ADMIN]
+    sent = [c for c in calls if c.method == "sendMessage"]
+    status = next((c.result["message_id"] for c in sent if c.params["text"] == RETRAIN_STARTED), None)
+    edits = [c.params["text"] for c in calls if c.method == "editMessageText" and c.params.get("message_id") == status]
+    return RetrainChat([c.params["text"] for c in sent], edits)
+
+
+def percent(progress_line: str) -> int:
+    """``"🏋️ Retraining: 65% held-out ..."`` -> 65."""
+    return int(progress_line.removeprefix("🏋️ Retraining: ").split("%")[0])
+
+
+async def test_admin_retrain_switches_to_the_new_version_and_rollback_switches_back(shop: Running, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("bot.retrain.EDIT_EVERY_S", 0.01)  # show (nearly) every progress line
     await seed_consistent_feedback(shop, 45, 2000)
-
-    def replies() -> list[str]:
-        return [t for t in shop.texts_to(ADMIN) if t.startswith(("🏋️", "✅", "❌", "ℹ️", "⏳"))]
-
-    before = len(replies())
+    since = len(shop.fake.calls)
     shop.fake.user_sends_command(ADMIN, "retrain")
     shop.fake.user_sends_command(ADMIN, "retrain")  # only one at a time
-    await shop.fake.wait_for(lambda f: any(t.startswith("⏳ A retraining is already running") for t in replies()[before:]))
-    await shop.fake.wait_for(lambda f: any(t.startswith(("✅", "❌", "ℹ️")) for t in replies()[before:]), timeout=120)
-    report = next(t for t in replies()[before:] if t.startswith(("✅", "❌", "ℹ️")))
+    await shop.fake.wait_for(lambda f: any(t.startswith(("✅", "❌", "ℹ️")) for t in retrain_chat(shop, since).edits), timeout=120)
+    chat = retrain_chat(shop, since)
+    # the run's status message first, then the answer to the second /retrain: never the other way round
+    assert chat.sent == [RETRAIN_STARTED, "⏳ A retraining is already running; I'll report when it is done."]
+    # the status message then shows the run's steps in order, and ends as the result
+    *progress, report = chat.edits
+    assert len(progress) >= 3 and all(line.startswith("🏋️ Retraining: ") for line in progress), chat.edits
+    assert [percent(line) for line in progress] == sorted(percent(line) for line in progress), chat.edits
     assert report.startswith("✅ Now answering with feedback-"), report
-    assert "Metrics: searches=" in report
+    assert "Metrics: searches=" in report and report.endswith(" s)")
+    assert [m["text"] for m in shop.fake.messages_to(ADMIN)][-2:] == [report, chat.sent[1]]  # edited in place
     [(new_id, name)] = shop.rows("SELECT id, name FROM model_versions WHERE is_active")
     assert name.startswith("feedback-") and shop.svc.models.current.name == name
     assert shop.rows("SELECT status FROM training_runs ORDER BY id DESC LIMIT 1") == [("succeeded",)]
@@ -513,6 +540,33 @@ async def test_admin_retrain_switches_to_the_new_version_and_rollback_switches_b
     await shop.search(2101, make_image(78))
     assert shop.rows("SELECT model_version_id FROM searches WHERE user_id=2101") == [(1,)]
     assert shop.rows("SELECT name FROM model_versions WHERE is_active") == [("base",)]
+
+
+async def test_admin_sees_every_retrain_step_in_order_then_the_result(shop: Running, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bot's side of /retrain with a scripted training: each step shown once it is reported, from the
+    training's worker threads too, and a step reported just before the end never hides the result."""
+    monkeypatch.setattr("bot.retrain.EDIT_EVERY_S", 0.01)
+    steps = [(0.02, "reading the index of base"), (0.3, "learning: metric step 60/200"), (0.9, "writing the index")]
+    since = len(shop.fake.calls)
+
+    async def train(db: Any, settings: Any, progress: Callable[[float, str], None]) -> RetrainReport:
+        for shown, (fraction, text) in enumerate(steps, start=1):
+            await asyncio.to_thread(progress, fraction, text)  # train/ reports from worker threads
+            await shop.fake.wait_for(lambda f: len(retrain_chat(shop, since).edits) == shown)
+        progress(1.0, "done")  # the result follows at once: this line may be skipped, never shown after it
+        return RetrainReport(None, False, "not enough feedback yet", {"searches": 3, "pairs": 0})
+
+    monkeypatch.setattr(shop.svc.retrainer, "train", train)
+    shop.fake.user_sends_command(ADMIN, "retrain")
+    await shop.fake.wait_for(lambda f: any(t.startswith("ℹ️") for t in retrain_chat(shop, since).edits))
+    await asyncio.sleep(0.1)  # an edit still in flight would arrive now
+    chat = retrain_chat(shop, since)
+    assert chat.sent == [RETRAIN_STARTED]
+    assert chat.edits[:3] == [f"🏋️ Retraining: {f:.0%} {t}" for f, t in steps]
+    assert chat.edits[3:-1] in ([], ["🏋️ Retraining: 100% done"])
+    assert chat.edits[-1].startswith("ℹ️ No new model version.\nnot enough feedback yet\nMetrics: searches=3, pairs=0\n("), chat.edits
+    assert shop.fake.messages_to(ADMIN)[-1]["text"] == chat.edits[-1]
+    assert not shop.svc.retrainer.running
 
 
 async def test_web_photos_are_sent_by_url_and_an_unreachable_one_still_gets_an_answer(shop: Running, engine_files: EngineFiles) -> None:
@@ -681,7 +735,10 @@ async def test_no_index_and_no_catalogue_stops_start_up_with_a_clear_message(eng
         assert not fake.calls_of("getUpdates")
 
 
-async def test_shutdown_lets_searches_in_flight_finish(engine_files: EngineFiles, tmp_path: Path) -> None:
+async def test_shutdown_lets_searches_in_flight_finish(engine_files: EngineFiles, tmp_path: Path, recwarn: pytest.WarningsRecorder) -> None:
+    """A search answered while the bot stops: its answer, its log and its album's file_ids all arrive, without PTB warnings."""
+    from telegram.warnings import PTBUserWarning
+
     async with FakeBotAPI(token=TOKEN) as fake:
         starting = start_bot(fake, engine_files, tmp_path)
         bot = await starting.__aenter__()
@@ -698,3 +755,6 @@ async def test_shutdown_lets_searches_in_flight_finish(engine_files: EngineFiles
         assert len(bot.keyboards(501)) == 1
         assert bot.rows("SELECT outcome FROM searches WHERE user_id=501") == [("ok",)]
         assert "services" not in bot.app.bot_data  # post_shutdown ran: queue drained, database closed
+        # the album was sent while stopping: storing its photos' file_ids (a background task) was awaited, not lost
+        assert bot.rows("SELECT count(*) FROM products WHERE photo_file_id IS NOT NULL") == [(5,)]
+        assert [str(w.message) for w in recwarn if issubclass(w.category, PTBUserWarning)] == []

@@ -240,6 +240,39 @@ def test_remote_images_good_404_slow_text_big_and_flaky(tmp_path: Path, random_e
     np.testing.assert_allclose(index.features[0], random_embedder.embed([load_image(GOOD)])[0], rtol=1e-4, atol=1e-4)
 
 
+def test_rebuilds_revalidate_remote_images_instead_of_downloading_them(tmp_path: Path, random_embedder: Embedder, image_server: ImageServer) -> None:
+    from ffengine.index import Index
+
+    names = [f"rebuild-{i}.jpg" for i in range(3)]
+    for i, name in enumerate(names):
+        image_server.versions[name] = make_image(seed=40 + i)
+    cat = write_catalog(tmp_path / "remote.csv", [row(f"r{i}", image_server.url(f"/versioned/{n}")) for i, n in enumerate(names)])
+
+    def build(cache: Path | None = tmp_path / "cache") -> BuildReport:
+        return build_index(cat, tmp_path / "index", random_embedder, cache_dir=cache, progress=False, fetch=FAST, backend="exact")
+
+    def bodies_sent() -> list[int]:
+        return [image_server.bodies_sent[f"/versioned/{n}"] for n in names]
+
+    first = build()
+    assert (first.downloaded, first.revalidated, first.embedded) == (3, 0, 3)
+    assert (tmp_path / "cache" / "http").is_dir()  # beside the embedding cache
+    again = build()
+    assert (again.downloaded, again.revalidated, again.embedded, again.cached) == (0, 3, 0, 3)
+    assert bodies_sent() == [1, 1, 1] and again.catalog_hash == first.catalog_hash
+    assert "3 unchanged on the server" in again.summary() and again.to_json()["revalidated"] == 3
+
+    image_server.versions[names[1]] = changed = make_image(seed=99)  # a new ETag
+    third = build()
+    assert (third.downloaded, third.revalidated, third.embedded, third.cached) == (1, 2, 1, 2)
+    assert bodies_sent() == [1, 2, 1] and third.catalog_hash != first.catalog_hash
+    index = Index.load(tmp_path / "index", expect_fingerprint=random_embedder.fingerprint)
+    np.testing.assert_allclose(index.features[1], random_embedder.embed([load_image(changed)])[0], rtol=1e-4, atol=1e-4)
+
+    uncached = build(cache=None)  # --no-cache: no HTTP cache either
+    assert (uncached.downloaded, uncached.revalidated) == (3, 0) and bodies_sent() == [2, 3, 2]
+
+
 def test_build_index_writes_a_searchable_index(tmp_path: Path, random_embedder: Embedder) -> None:
     from ffengine.index import Index
 
@@ -357,3 +390,21 @@ def test_an_image_the_embedder_cannot_prepare_is_skipped_not_fatal(tmp_path: Pat
     assert [p.id for p in result.products] == ["p0", "p2"]
     [problem] = result.report.skipped
     assert problem.line == 3 and problem.reason.startswith("cannot prepare the image (ValueError: odd width)")
+
+
+def test_inline_and_batched_embedding_agree(tmp_path: Path, random_embedder: Embedder) -> None:
+    """ONNX Runtime on CPU embeds each picture on its decode thread; any other runtime batches on a model thread."""
+    assert random_embedder.wants_one_picture_per_thread  # the ONNX Runtime CPU path: inline
+    cat = make_shop(tmp_path / "shop", 9, first_seed=40)
+    paths = [str(tmp_path / "shop" / "images" / f"{i}.jpg") for i in range(9)]
+    inline = embed_catalog(cat, random_embedder, cache_dir=tmp_path / "c1", progress=False)
+    renamed = Renamed(random_embedder, random_embedder.fingerprint)  # no such property: batches
+    batched = embed_catalog(cat, renamed, cache_dir=tmp_path / "c2", progress=False, batch_size=4)
+    assert renamed.calls >= 3  # 9 pictures in batches of at most 4
+    assert (inline.report.embedded, inline.report.cached) == (batched.report.embedded, batched.report.cached) == (9, 0)
+    want = reference(random_embedder, paths)
+    for got in (inline.features, batched.features):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    again = embed_catalog(cat, random_embedder, cache_dir=tmp_path / "c1", progress=False)  # inline results were cached
+    assert (again.report.embedded, again.report.cached) == (0, 9)
+    np.testing.assert_array_equal(again.features, inline.features)

@@ -279,6 +279,27 @@ def test_threads_share_one_embedder(onnx_random):
     assert len(results) == 4 and all(np.array_equal(r, want) for r in results)
 
 
+@pytest.mark.parametrize("which", ["onnx_random", "torch_random"])
+def test_embedding_on_the_callers_thread_gives_the_same_features(which, request):
+    embedder: Embedder = request.getfixturevalue(which)
+    assert embedder.wants_one_picture_per_thread is (which == "onnx_random")
+    pixels = embedder.prepare(pictures(6))
+    want = embedder.embed_arrays(pixels)
+    results: dict[int, np.ndarray] = {}
+
+    def work(i: int) -> None:  # six threads at once, one picture each, as the index build does
+        results[i] = embedder.embed_arrays(pixels[i : i + 1], on_caller_thread=True)[0]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    got = np.stack([results[i] for i in range(6)])
+    assert got.dtype == np.float32 and got.flags.c_contiguous
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
 # --- real weights and real photos --------------------------------------------------------------
 
 

@@ -7,20 +7,24 @@ and event loop, so both async tests and blocking ``build_index`` calls can use i
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import threading
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from aiohttp import web
 
 from ffengine.fetch import Fetcher, FetchError, FetchSettings
+from ffengine.httpcache import HttpCache, Validators
 from tests.conftest import make_image
 
 GOOD = make_image(seed=11)
 BIG = b"\xff\xd8" + b"x" * 300_000  # bigger than the 200 kB cap used below
 #: Tight limits so failing cases finish in well under a second.
 FAST = FetchSettings(concurrency=4, timeout_s=0.5, connect_timeout_s=0.5, max_bytes=200_000, retries=2, backoff_s=0.01)
+LAST_MODIFIED = "Wed, 21 Oct 2015 07:28:00 GMT"
 
 
 class ImageServer:
@@ -28,6 +32,11 @@ class ImageServer:
 
     def __init__(self) -> None:
         self.hits: Counter[str] = Counter()
+        #: ``/versioned/<name>`` serves ``versions[name]`` with an ETag (its sha256) and a Last-Modified date.
+        self.versions: dict[str, bytes] = {}
+        self.bodies_sent: Counter[str] = Counter()  # 200 answers with the body, per path
+        self.not_modified: Counter[str] = Counter()  # 304 answers, per path
+        self.conditional: dict[str, dict[str, str]] = {}  # the validators of each path's last request
         self.active = 0
         self.max_active = 0
         self.loop = asyncio.new_event_loop()
@@ -61,6 +70,9 @@ class ImageServer:
         app.router.add_get("/busy/{name}", self.busy)
         app.router.add_get("/redirect/{name}", self.redirect)
         app.router.add_get("/held/{name}", self.held)
+        app.router.add_get("/versioned/{name}", self.versioned)
+        app.router.add_get("/dated/{name}", self.dated)
+        app.router.add_get("/no-store/{name}", self.no_store)
         self.runner = web.AppRunner(app, shutdown_timeout=0.5, handler_cancellation=True, access_log=None)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
@@ -121,6 +133,30 @@ class ImageServer:
     async def redirect(self, request: web.Request) -> web.Response:
         self._hit(request)
         raise web.HTTPFound(f"/good/{request.match_info['name']}")
+
+    async def versioned(self, request: web.Request) -> web.Response:
+        """Like a CDN: ETag + Last-Modified, and 304 when the client's ETag is the current one."""
+        body = self.versions[request.match_info["name"]]
+        etag = f'"{hashlib.sha256(body).hexdigest()[:16]}"'
+        return self._conditional(request, body, {"ETag": etag, "Last-Modified": LAST_MODIFIED}, request.headers.get("If-None-Match") == etag)
+
+    async def dated(self, request: web.Request) -> web.Response:
+        """Only Last-Modified: 304 when If-Modified-Since is that date."""
+        headers = {"Last-Modified": LAST_MODIFIED}
+        return self._conditional(request, GOOD, headers, request.headers.get("If-Modified-Since") == LAST_MODIFIED)
+
+    async def no_store(self, request: web.Request) -> web.Response:
+        """Validators, but ``Cache-Control: no-store``: must never be stored (always 200)."""
+        return self._conditional(request, GOOD, {"ETag": '"x"', "Cache-Control": "private, no-store"}, False)
+
+    def _conditional(self, request: web.Request, body: bytes, headers: dict[str, str], unchanged: bool) -> web.Response:
+        self._hit(request)
+        self.conditional[request.path] = {k: v for k, v in request.headers.items() if k.lower().startswith("if-")}
+        if unchanged:
+            self.not_modified[request.path] += 1
+            return web.Response(status=304, headers=headers)
+        self.bodies_sent[request.path] += 1
+        return web.Response(body=body, content_type="image/jpeg", headers=headers)
 
     async def held(self, request: web.Request) -> web.Response:
         """Holds each request a moment and records how many overlap."""
@@ -239,3 +275,99 @@ def test_redact_url_drops_credentials_query_and_fragment() -> None:
 
     assert redact_url("https://user:pw@cdn.example:8443/a/b.jpg?X-Amz-Signature=abc#f") == "https://cdn.example:8443/a/b.jpg?..."
     assert redact_url("http://cdn.example/a.jpg") == "http://cdn.example/a.jpg"
+
+
+async def fetch_cached(url: str, cache: HttpCache, settings: FetchSettings = FAST) -> tuple[bytes, Fetcher]:
+    async with Fetcher(settings, cache) as fetcher:
+        return await fetcher.get(url), fetcher
+
+
+async def test_http_cache_revalidates_and_reuses_the_stored_body_only_when_unchanged(image_server: ImageServer, tmp_path: Path) -> None:
+    cache, path, url = HttpCache(tmp_path), "/versioned/a.jpg", image_server.url("/versioned/a.jpg")
+    image_server.versions["a.jpg"] = GOOD
+    body, first = await fetch_cached(url, cache)
+    assert body == GOOD and (first.downloaded, first.revalidated) == (1, 0)
+    assert image_server.conditional[path] == {}  # nothing stored yet: a plain GET
+
+    body, again = await fetch_cached(url, cache)
+    assert body == GOOD and (again.downloaded, again.revalidated) == (0, 1)
+    sent = image_server.conditional[path]
+    assert sent["If-None-Match"].startswith('"') and sent["If-Modified-Since"] == LAST_MODIFIED
+    assert (image_server.bodies_sent[path], image_server.not_modified[path]) == (1, 1)
+
+    changed = make_image(seed=12)
+    image_server.versions["a.jpg"] = changed  # a new ETag: downloaded again, and that copy is kept
+    body, after = await fetch_cached(url, cache)
+    assert body == changed and (after.downloaded, after.revalidated) == (1, 0)
+    assert (await fetch_cached(url, cache))[0] == changed
+    assert (image_server.bodies_sent[path], image_server.not_modified[path]) == (2, 2)
+    assert not list(tmp_path.rglob("*.tmp"))  # written atomically: no leftovers
+
+
+async def test_http_cache_with_last_modified_only_and_no_store(image_server: ImageServer, tmp_path: Path) -> None:
+    cache = HttpCache(tmp_path)
+    for _ in range(2):
+        assert (await fetch_cached(image_server.url("/dated/a.jpg"), cache))[0] == GOOD
+        assert (await fetch_cached(image_server.url("/no-store/a.jpg"), cache))[0] == GOOD
+    assert image_server.conditional["/dated/a.jpg"] == {"If-Modified-Since": LAST_MODIFIED}
+    assert (image_server.bodies_sent["/dated/a.jpg"], image_server.not_modified["/dated/a.jpg"]) == (1, 1)
+    assert image_server.bodies_sent["/no-store/a.jpg"] == 2 and image_server.conditional["/no-store/a.jpg"] == {}
+    assert not cache.path(image_server.url("/no-store/a.jpg")).exists()
+
+
+def damage(path: Path, how: str) -> None:
+    raw = path.read_bytes()
+    key = path.stem.encode()
+    damaged = {
+        "body": raw[:-1] + bytes([raw[-1] ^ 1]),  # one byte of the image changed: the sha256 no longer matches
+        "truncated": raw[:-10],
+        "header": raw.replace(b'"etag": "\\"', b'"etag": "\\r\\nX-Evil: 1\\"', 1),  # a validator with a line break
+        "moved": raw.replace(key, b"0" * len(key), 1),  # another URL's entry under this URL's name
+        "garbage": b"garbage",
+    }[how]
+    assert damaged != raw
+    path.write_bytes(damaged)
+
+
+@pytest.mark.parametrize("how", ["body", "truncated", "header", "moved", "garbage"])
+async def test_a_damaged_cache_entry_is_not_trusted(image_server: ImageServer, tmp_path: Path, how: str) -> None:
+    cache, name = HttpCache(tmp_path), f"damaged-{how}.jpg"
+    image_server.versions[name] = GOOD
+    url, path = image_server.url(f"/versioned/{name}"), f"/versioned/{name}"
+    await fetch_cached(url, cache)
+    damage(cache.path(url), how)
+    assert cache.get(url, FAST.max_bytes) is None
+    body, fetcher = await fetch_cached(url, cache)  # an unconditional GET, and the entry repaired
+    assert body == GOOD and fetcher.downloaded == 1 and image_server.bodies_sent[path] == 2
+    assert image_server.conditional[path] == {}
+    assert cache.get(url, FAST.max_bytes) is not None
+
+
+async def test_the_size_cap_applies_to_stored_bodies(image_server: ImageServer, tmp_path: Path) -> None:
+    cache, url = HttpCache(tmp_path), image_server.url("/versioned/capped.jpg")
+    image_server.versions["capped.jpg"] = GOOD
+    await fetch_cached(url, cache)
+    small = FetchSettings(max_bytes=len(GOOD) - 1, retries=0)
+    assert cache.get(url, small.max_bytes) is None  # bigger than this fetcher accepts: not even read back
+    with pytest.raises(FetchError, match="too large"):  # and not slipped in through a 304
+        await fetch_cached(url, cache, small)
+    assert image_server.conditional["/versioned/capped.jpg"] == {}
+
+
+def test_validators_come_only_from_clean_headers() -> None:
+    assert Validators.from_headers({"ETag": '"a"', "Last-Modified": LAST_MODIFIED}) == Validators('"a"', LAST_MODIFIED)
+    assert Validators.from_headers({"ETag": '"a"', "Cache-Control": "No-Store"}) is None
+    assert Validators.from_headers({"Content-Type": "image/jpeg"}) is None
+    assert Validators.from_headers({"ETag": "bad\r\nvalue"}) is None
+    assert Validators('W/"a"', None).conditional_headers() == {"If-None-Match": 'W/"a"'}
+
+
+async def test_an_unwritable_http_cache_only_costs_the_caching(image_server: ImageServer, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    blocker = tmp_path / "cache"
+    blocker.write_text("a file where the cache folder should be")
+    cache, url = HttpCache(blocker), image_server.url("/versioned/unwritable.jpg")
+    image_server.versions["unwritable.jpg"] = GOOD
+    for _ in range(2):
+        body, fetcher = await fetch_cached(url, cache)
+        assert body == GOOD and fetcher.downloaded == 1
+    assert sum("not writable" in r.getMessage() for r in caplog.records) == 1

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from ffengine.errors import ImageRejected
-from ffengine.images import load_image, square_crop
+from ffengine.images import load_image, read_image_bytes, square_crop
 
 
 def encode(img: Image.Image, fmt: str, **kw: object) -> bytes:
@@ -136,6 +136,24 @@ def test_oversized_file_bytes_and_path(image_bytes, tmp_path):
     path = tmp_path / "big.jpg"
     path.write_bytes(data)
     rejected(path, "too_large", max_bytes=100)
+
+
+def test_read_image_bytes_returns_the_bytes_with_load_images_checks(image_bytes, tmp_path):
+    data = image_bytes(seed=4, size=(40, 30))
+    path = tmp_path / "a.jpg"
+    path.write_bytes(data)
+    for source in (data, bytearray(data), memoryview(data), path, str(path)):
+        out = read_image_bytes(source)
+        assert type(out) is bytes and out == data
+    for source, reason, kw in (
+        (path, "too_large", {"max_bytes": len(data) - 1}),
+        (data, "too_large", {"max_bytes": len(data) - 1}),
+        (b"", "empty", {}),
+        (tmp_path / "nope.jpg", "not_found", {}),
+    ):
+        with pytest.raises(ImageRejected) as info:
+            read_image_bytes(source, **kw)  # type: ignore[arg-type]
+        assert info.value.reason == reason
 
 
 def png_claiming(width: int, height: int) -> bytes:

@@ -21,6 +21,7 @@ from ffengine.index import (
     BallTreeSearcher,
     DEFAULT_OPTIONS,
     ExactSearcher,
+    PQSearcher,
     ShortlistSearcher,
     DEFAULT_REDUCTION,
     Index,
@@ -304,6 +305,34 @@ def test_pca_shortlist_reranks_exactly(backend: str, block_rows: int | None, mon
     truth = exact_search(noise, q2, 5)[1]
     assert not np.array_equal(narrow.search(q2, 5)[1], truth)
     np.testing.assert_array_equal(wide.search(q2, 5)[1], truth)
+
+
+def test_default_shortlist_scans_product_quantised_codes() -> None:
+    rng = np.random.default_rng(11)
+    # intrinsically 16-d data in 48 dims, enough rows for product quantisation
+    basis = rng.normal(size=(16, DIM))
+    feats = (rng.normal(size=(3000, 16)) @ basis + 0.01 * rng.normal(size=(3000, DIM))).astype(np.float32)
+    q = (rng.normal(size=(40, 16)) @ basis).astype(np.float32)
+    ident = Projection.identity(DIM)
+    truth = exact_search(feats, q, 5)
+    index = Index(feats, products(3000), fingerprint="m", projection=ident, options={"coarse_dims": 16, "shortlist": 150})
+    assert isinstance(index.searcher, ShortlistSearcher) and isinstance(index.searcher.inner, PQSearcher)
+    assert index.searcher.inner.index.pq.M == 8  # one 4-bit code per two PCA dimensions
+    dist, idx = index.search(q, 5)
+    hits = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(idx, truth[1])])
+    assert hits >= 0.95, hits  # approximate codes only pick candidates ...
+    found = np.isin(idx, truth[1]).all(axis=1)
+    np.testing.assert_allclose(dist[found], truth[0][found], rtol=1e-5)  # ... distances are exact
+    # codes that coarse cannot rank well: a shortlist of 5 misses neighbours a shortlist of 150 finds
+    narrow = Index(feats, products(3000), fingerprint="m", projection=ident, options={"coarse_dims": 16, "shortlist": 5, "pq_subspaces": 2})
+    narrow_hits = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(narrow.search(q, 5)[1], truth[1])])
+    assert narrow_hits < hits
+    # pq_subspaces=0 scans the PCA copy as floats; too few rows for codes does the same
+    floats = Index(feats, products(3000), fingerprint="m", projection=ident, options={"coarse_dims": 16, "pq_subspaces": 0})
+    small = Index(feats[:500], products(500), fingerprint="m", projection=ident, options={"coarse_dims": 16})
+    assert isinstance(floats.searcher.inner, ExactSearcher) and isinstance(small.searcher.inner, ExactSearcher)
+    with pytest.raises(ValueError, match="pq_subspaces \\(5\\) must divide coarse_dims \\(16\\)"):
+        Index(feats, products(3000), fingerprint="m", projection=ident, options={"coarse_dims": 16, "pq_subspaces": 5})
 
 
 @pytest.mark.parametrize("block_rows", [None, 7])

@@ -11,7 +11,8 @@ from PIL import Image
 
 from ffengine.catalog import Product
 from ffengine.errors import ImageRejected, IndexLoadError
-from ffengine.evaluate import category_precision, neighbour_recall, read_category_map, read_queries
+from ffengine.evaluate import category_precision, embed_photos, neighbour_recall, read_category_map, read_queries
+from ffengine.images import load_image
 from ffengine.index import Index, Projection, Reduction
 from ffengine.recommend import Recommendation, Recommender
 from ffengine.sheet import SheetRow, contact_sheet
@@ -185,6 +186,49 @@ def test_category_precision_counts_hits_and_misses() -> None:
     assert neighbour_recall(exact, exact) == 1.0
     # query 0 missed its 3rd neighbour; query 1 returned the other of two rows tied at 2.0 (still right)
     assert neighbour_recall(np.array([[0.1, 0.2, 0.5], [1.0, 2.0, 2.0]]), exact) == pytest.approx(5 / 6)
+
+
+class CountingEmbedder:
+    """A real embedder that counts the images it runs through the model (to see the cache at work)."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.fingerprint, self.dim, self.embedded = inner, inner.fingerprint, inner.dim, 0
+
+    def prepare(self, images):
+        return self.inner.prepare(images)
+
+    def embed_arrays(self, batch: np.ndarray) -> np.ndarray:
+        self.embedded += len(batch)
+        return self.inner.embed_arrays(batch)
+
+
+def test_embed_photos_keeps_rows_aligned_uses_the_cache_and_reports_bad_photos(random_embedder, tmp_path: Path) -> None:
+    paths = [tmp_path / f"{i}.jpg" for i in range(4)]
+    for i, path in enumerate(paths):
+        path.write_bytes(make_image(i))
+    bad, missing, cache = tmp_path / "bad.jpg", tmp_path / "gone.jpg", tmp_path / "cache"
+    bad.write_bytes(b"not a photo")
+    model = CountingEmbedder(random_embedder)
+
+    feats = embed_photos(paths, model, cache_dir=cache)
+    expected = random_embedder.embed([load_image(p) for p in paths])
+    np.testing.assert_allclose(feats, expected, rtol=1e-4, atol=1e-4)
+    assert model.embedded == 4
+
+    mixed = [paths[2], bad, paths[0], missing]
+    with pytest.raises(ValueError, match=r"2 photo\(s\) could not be embedded: line 2 .*bad\.jpg"):
+        embed_photos(mixed, model, cache_dir=cache)
+    got, ok = embed_photos(mixed, model, cache_dir=cache, skip_unreadable=True)
+    assert ok.tolist() == [True, False, True, False] and got.shape == (4, random_embedder.dim)
+    np.testing.assert_array_equal(got[[0, 2]], feats[[2, 0]])  # straight from the cache, in input order
+    assert not got[[1, 3]].any()
+    assert model.embedded == 4  # nothing was embedded twice
+
+    with pytest.raises(ValueError, match=r"2 photo\(s\) could not be embedded"):  # a ValueError even when all fail
+        embed_photos([bad, missing], model)
+    none, ok = embed_photos([bad, missing], model, skip_unreadable=True)
+    assert not ok.any() and none.shape == (2, random_embedder.dim) and not none.any()
+    assert embed_photos([], model).shape == (0, random_embedder.dim)
 
 
 def test_reads_the_real_query_labels(shared) -> None:

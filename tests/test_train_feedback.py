@@ -26,8 +26,11 @@ from ffengine.catalog import Product
 from ffengine.config import EngineSettings
 from ffengine.db import Database
 from ffengine.errors import IndexLoadError
+from ffengine.images import load_image
 from ffengine.index import Index, Reduction, write_index
+from tests.conftest import make_image
 from train.errors import TrainingError, TrainingLocked
+from train.evaluation import Benchmark, LabelledPhotos
 from train.feedback import FeedbackOptions, retrain_from_feedback, retrain_from_feedback_async
 from train.lock import training_lock
 from train.metric import MetricOptions
@@ -317,3 +320,18 @@ def test_blocking_variant_runs_in_a_worker_thread(tmp_path: Path, settings: Engi
     with ThreadPoolExecutor(1) as pool:
         result = pool.submit(retrain_from_feedback, url, settings, options=replace(FAST, name="from-thread")).result()
     assert result.promoted and result.version == "from-thread" and result.run_id is not None
+
+
+def test_the_benchmark_drops_unreadable_photos_and_keeps_labels_aligned(random_embedder, tmp_path: Path) -> None:
+    good = [tmp_path / "a.jpg", tmp_path / "b.jpg"]
+    for seed, path in enumerate(good):
+        path.write_bytes(make_image(seed))
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not a photo")
+    cmap = {"shirt": frozenset({"Shirts"}), "cap": frozenset({"Caps"}), "dress": frozenset({"Dresses"})}
+    photos = LabelledPhotos([good[0], bad, good[1]], ["shirt", "cap", "dress"], cmap)
+    bench = Benchmark.prepare(photos, random_embedder, tmp_path / "cache")
+    assert bench.photos.paths == good and bench.photos.labels == ["shirt", "dress"]
+    np.testing.assert_allclose(bench.feats, random_embedder.embed([load_image(p) for p in good]), rtol=1e-4, atol=1e-4)
+    with pytest.raises(TrainingError, match="none of the labelled photos could be read"):
+        Benchmark.prepare(LabelledPhotos([bad], ["cap"], cmap), random_embedder, None)

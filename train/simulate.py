@@ -24,10 +24,11 @@ from ffengine.build import build_index
 from ffengine.config import EngineSettings
 from ffengine.db import Database
 from ffengine.embedder import Embedder
+from ffengine.evaluate import embed_photos
 from ffengine.index import Index
 from ffengine.recommend import Recommender
 from train.errors import TrainingError
-from train.evaluation import Benchmark, LabelledPhotos, embed_photos
+from train.evaluation import Benchmark, LabelledPhotos
 from train.feedback import FeedbackOptions, Progress, retrain_from_feedback_async
 from train.versions import BASE_VERSION, weights_spec
 
@@ -141,7 +142,7 @@ async def shop(
     db: Database, version_id: int, recommender: Recommender, photos: LabelledPhotos, settings: EngineSettings, opts: SimulationOptions
 ) -> dict[str, int]:
     """Each photo: recommend five, log the search, rate each result by the hidden taste (category match)."""
-    feats, ok = await asyncio.to_thread(embed_photos, photos.paths, recommender.embedder, settings.cache_dir)
+    feats, ok = await asyncio.to_thread(embed_photos, photos.paths, recommender.embedder, cache_dir=settings.cache_dir, skip_unreadable=True)
     rng = np.random.default_rng(opts.seed)
     rows = np.flatnonzero(ok)
     results = await asyncio.to_thread(recommender.recommend_features, feats[rows], 5)

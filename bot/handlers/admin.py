@@ -50,7 +50,7 @@ async def on_reload(update: Update, context: FFContext) -> None:
 async def on_retrain(update: Update, context: FFContext) -> None:
     message = update.effective_message
     assert message is not None
-    if not context.services.retrainer.start(message.chat_id):
+    if not await context.services.retrainer.start(message.chat_id):
         await message.reply_text("⏳ A retraining is already running; I'll report when it is done.")
 
 

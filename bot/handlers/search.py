@@ -159,7 +159,7 @@ async def _answer(context: FFContext, message: Message, recs: list[Recommendatio
         if note:
             await message.reply_text(note)
         if recs:
-            await send_album(context.bot, context.services.db, message.chat_id, recs, context.application.create_task)
+            await send_album(context.bot, context.services.db, message.chat_id, recs, context.services.background.spawn)
     finally:
         record = await logging_done  # never left behind, even when sending failed
     if not recs:
