@@ -161,7 +161,7 @@ class Recommender:
         for d, row in zip(dist.tolist(), idx.tolist(), strict=True):
             if allowed is not None and not allowed[row]:
                 continue
-            if any(self.same_picture(row, other, products, feats) for other in kept):
+            if kept and self.same_picture_as_any(row, kept, products, feats):
                 continue
             kept.append(row)
             out.append(Recommendation(products[row], float(d), len(out) + 1))
@@ -170,8 +170,11 @@ class Recommender:
         return out
 
     @staticmethod
-    def same_picture(a: int, b: int, products: list[Product], feats: np.ndarray) -> bool:
-        if products[a].image == products[b].image:
+    def same_picture_as_any(row: int, kept: list[int], products: list[Product], feats: np.ndarray) -> bool:
+        """Same image file as a kept row, or features within :data:`DUPLICATE_TOLERANCE` of one (relative)."""
+        image = products[row].image
+        if any(products[other].image == image for other in kept):
             return True
-        fa, fb = feats[a], feats[b]
-        return float(np.linalg.norm(fa - fb)) <= DUPLICATE_TOLERANCE * max(float(np.linalg.norm(fb)), 1e-6)
+        others = feats[kept]  # (len(kept), d): one vectorised comparison per candidate
+        gaps = np.linalg.norm(others - feats[row], axis=1)
+        return bool((gaps <= DUPLICATE_TOLERANCE * np.maximum(np.linalg.norm(others, axis=1), 1e-6)).any())
