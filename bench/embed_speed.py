@@ -143,13 +143,14 @@ class Baselines:
         return self.ort.run(None, {"x": x})[0]
 
 
-def configs(embedder: Embedder, base: Baselines) -> dict[str, tuple[Run, bool]]:
+def configs(embedder: Embedder, base: Baselines, others: list[Embedder]) -> dict[str, tuple[Run, bool]]:
     """name -> (function, takes normalised float NCHW rather than uint8 NHWC)."""
     return {
         "torch eager fp32": (base.torch_eager, True),
         "torch channels_last fp32": (base.torch_cl, True),
         "torch channels_last bf16": (base.torch_cl_bf16, True),
         "onnxruntime (plain)": (base.onnxruntime, True),
+        **{f"Embedder ({other.runtime})": (other.embed_arrays, False) for other in others},
         f"Embedder ({embedder.runtime}, shipped)": (embedder.embed_arrays, False),
     }
 
@@ -319,7 +320,8 @@ def main() -> None:
     resolve_weights(args.weights)  # fail early with a clear message
     embedder = Embedder.load(args.weights, "cpu")
     base = Baselines(embedder)
-    runs = configs(embedder, base)
+    others = [Embedder.load(args.weights, "cpu", runtime=r) for r in ("onnx", "openvino") if r != embedder.runtime]  # the other runtime(s)
+    runs = configs(embedder, base, [o for o in others if o.runtime != "torch"])
     shipped = next(name for name in runs if name.startswith("Embedder"))
     print(f"load average {load_before}; {os.cpu_count()} CPUs; shipped runtime: {embedder.runtime}", flush=True)
 

@@ -53,7 +53,7 @@ async def on_startup(app: Application) -> None:
     settings: BotSettings = app.bot_data[SETTINGS]
     db = await Database.open(settings.database_url)
     try:
-        loader = ModelLoader(settings.engine.device)
+        loader = ModelLoader(settings.engine.device, settings.engine.runtime)
         await prepare(settings, db, loader)
         models = await ModelSwitch.open(db, loader)
         await db.upsert_products(models.current.index.products)

@@ -59,8 +59,9 @@ class ModelLoader:
     """Builds :class:`ActiveModel` s, sharing one backbone between versions with the same weights
     (a feedback retrain only changes the index's projection, not the network)."""
 
-    def __init__(self, device: str) -> None:
+    def __init__(self, device: str, runtime: str = "auto") -> None:
         self.device = device
+        self.runtime = runtime
         self._embedders: dict[str, Embedder] = {}
         self._lock = threading.Lock()
 
@@ -68,7 +69,7 @@ class ModelLoader:
         with self._lock:
             found = self._embedders.get(weights)
         if found is None:
-            found = Embedder.load(weights, self.device)
+            found = Embedder.load(weights, self.device, runtime=self.runtime)
             with self._lock:
                 found = self._embedders.setdefault(weights, found)
         return found

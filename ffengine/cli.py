@@ -45,7 +45,7 @@ def settings_from(args: argparse.Namespace) -> EngineSettings:
 def load_embedder(settings: EngineSettings):  # -> Embedder (imported lazily: torch is slow to import)
     from ffengine.embedder import Embedder
 
-    return Embedder.load(settings.weights, settings.device)
+    return Embedder.load(settings.weights, settings.device, runtime=settings.runtime)
 
 
 # ---------------------------------------------------------------- index

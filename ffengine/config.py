@@ -65,6 +65,16 @@ def check_device(device: str, setting: str = "FFENGINE_DEVICE") -> str:
     return device
 
 
+RUNTIME_CHOICES = ("auto", "openvino", "onnx", "torch")
+
+
+def check_runtime(runtime: str, setting: str = "FFENGINE_RUNTIME") -> str:
+    """Accept ``auto``, ``openvino``, ``onnx`` or ``torch``."""
+    if runtime not in RUNTIME_CHOICES:
+        raise ConfigError(f"{setting} must be one of {', '.join(RUNTIME_CHOICES)}; got {runtime!r}")
+    return runtime
+
+
 @dataclass(frozen=True)
 class EngineSettings:
     """What the engine needs: which weights, where the index lives, which device.
@@ -78,6 +88,8 @@ class EngineSettings:
     device: str = "auto"
     data_dir: Path = Path("data")
     catalog: Path | None = None
+    #: What computes features on CPU: ``auto`` (OpenVINO, else ONNX Runtime, else PyTorch), or one of them.
+    runtime: str = "auto"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> EngineSettings:
@@ -91,6 +103,7 @@ class EngineSettings:
             device=check_device(env_str(env, "FFENGINE_DEVICE", "auto")),  # type: ignore[arg-type]
             data_dir=data_dir,
             catalog=Path(catalog) if catalog else None,
+            runtime=check_runtime(env_str(env, "FFENGINE_RUNTIME", "auto")),  # type: ignore[arg-type]
         )
 
     @property

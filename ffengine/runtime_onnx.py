@@ -23,8 +23,10 @@ import tempfile
 import threading
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -77,10 +79,8 @@ def cpu_count() -> int:
 
 def model_key(net: FeatureNet, input_size: int) -> str:
     """Hash of what the exported graph depends on: tensors, normalisation, size, versions."""
-    import onnxruntime
-
     digest = hashlib.sha256()
-    digest.update(f"v{EXPORT_VERSION}|opset{OPSET}|{input_size}|torch{torch.__version__}|ort{onnxruntime.__version__}".encode())
+    digest.update(f"v{EXPORT_VERSION}|opset{OPSET}|{input_size}|torch{torch.__version__}".encode())
     for name, tensor in list(net.state_dict().items()) + [("mean", net.mean), ("inv_std", net.inv_std)]:
         array = tensor.detach().to("cpu", torch.float32).contiguous().numpy()
         digest.update(f"{name}{array.shape}".encode())
@@ -232,8 +232,8 @@ def _session(model: bytes, threads: int):  # -> onnxruntime.InferenceSession
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
-def probe(runner: OnnxRunner, net: FeatureNet, input_size: int) -> float:
-    """Smallest cosine between ONNX Runtime and PyTorch features on a fixed random batch."""
+def probe(runner: Any, net: FeatureNet, input_size: int) -> float:
+    """Smallest cosine between ``runner``'s and PyTorch's features on a fixed random batch."""
     rng = np.random.default_rng(1234)
     batch = rng.integers(0, 256, size=(3, input_size, input_size, 3), dtype=np.uint8)
     got = np.concatenate([runner(batch[:1]), runner(batch[1:])])  # the one-picture and the batch paths
@@ -248,23 +248,29 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a64 * b64).sum(axis=1) / np.where(den > 0, den, 1.0)
 
 
-def build_runner(net: FeatureNet, input_size: int, cache_dir: Path | None, label: str) -> OnnxRunner:
-    """Export (or reuse) ``net`` and open a probed session; raise :class:`OnnxUnavailable` if it fails.
+def build_runner(
+    net: FeatureNet,
+    input_size: int,
+    cache_dir: Path | None,
+    label: str,
+    make: Callable[[bytes], Any] = OnnxRunner,
+    min_cosine: float = MIN_PROBE_COSINE,
+) -> Any:
+    """Export (or reuse) ``net``, load it with ``make`` (:class:`OnnxRunner`, or another runtime
+    that reads ONNX) and probe it against PyTorch; raise :class:`OnnxUnavailable` if that fails.
 
     A reused model (memo or disk) that fails to load or to match PyTorch is deleted and
-    exported afresh once; only a fresh export that fails means ONNX Runtime is not usable.
+    exported afresh once; only a fresh export that fails means the runtime is not usable.
     """
-    if not available():
-        raise OnnxUnavailable("onnxruntime is not installed")
     for attempt in (1, 2):
         try:
             data, path, fresh = cached_export(net, input_size, cache_dir, label)
         except Exception as exc:  # noqa: BLE001 - any exporter failure means: use PyTorch
             raise OnnxUnavailable(f"ONNX export failed ({type(exc).__name__}: {str(exc)[:200]})") from exc
         try:
-            runner = OnnxRunner(data)
+            runner = make(data)
             cosine = probe(runner, net, input_size)
-            problem = None if cosine >= MIN_PROBE_COSINE else f"output disagrees with PyTorch (cosine {cosine:.6f} < {MIN_PROBE_COSINE})"
+            problem = None if cosine >= min_cosine else f"output disagrees with PyTorch (cosine {cosine:.6f} < {min_cosine})"
         except Exception as exc:  # noqa: BLE001 - a corrupt cache file fails here
             problem = f"did not load ({type(exc).__name__}: {str(exc)[:200]})"
         if problem is None:

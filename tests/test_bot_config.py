@@ -37,12 +37,14 @@ def test_values_are_read() -> None:
         BOT_WEBHOOK_URL="https://bot.example/hook/abc",
         BOT_WEBHOOK_SECRET="s3cret_-X",
         FFENGINE_DEVICE="cpu",
+        FFENGINE_RUNTIME="onnx",
     )
     assert s.api_base_url == "http://127.0.0.1:8081/bot" and s.file_base_url == "http://127.0.0.1:8081/file/bot"
     assert s.admin_ids == {5, 7}
     assert s.max_download_bytes == 2000 * 1024 * 1024
     assert s.webhook_path == "/hook/abc" and s.webhook_secret == "s3cret_-X"
-    assert s.engine.device == "cpu"
+    assert s.engine.device == "cpu" and s.engine.runtime == "onnx"
+    assert settings().engine.runtime == "auto"
     assert s.secrets() == [TOKEN, "s3cret_-X"]
 
 
@@ -68,6 +70,7 @@ def test_missing_token_says_how_to_get_one() -> None:
         ({"BOT_RATE_LIMIT": "-1"}, "BOT_RATE_LIMIT"),
         ({"BOT_LOG_LEVEL": "LOUD"}, "BOT_LOG_LEVEL"),
         ({"FFENGINE_DEVICE": "tpu"}, "FFENGINE_DEVICE"),
+        ({"FFENGINE_RUNTIME": "tensorrt"}, "FFENGINE_RUNTIME"),
         ({"DATABASE_URL": "focusedfashion.db"}, "DATABASE_URL"),
     ],
 )

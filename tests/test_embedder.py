@@ -16,6 +16,7 @@ import torch
 from PIL import Image, ImageOps
 from torchvision.models import mobilenet_v2
 
+from ffengine import embedder as embedder_module
 from ffengine import runtime_onnx
 from ffengine.embedder import Embedder
 from ffengine.errors import ConfigError
@@ -37,6 +38,9 @@ def random_embedder(runtime: str) -> Embedder:
     return Embedder(None, "cpu", runtime=runtime)
 
 
+random_embedder_for = random_embedder  # the name the conftest fixture of the same name hides
+
+
 @pytest.fixture(scope="module")
 def onnx_random() -> Embedder:
     embedder = random_embedder("onnx")
@@ -47,6 +51,13 @@ def onnx_random() -> Embedder:
 @pytest.fixture(scope="module")
 def torch_random() -> Embedder:
     return random_embedder("torch")
+
+
+@pytest.fixture(scope="module")
+def openvino_random() -> Embedder:
+    embedder = random_embedder("openvino")
+    assert embedder.runtime == "openvino"
+    return embedder
 
 
 @pytest.fixture
@@ -61,11 +72,18 @@ def weights_file(tmp_path) -> Path:
     return save_weights(mobilenet_v2(weights=None).state_dict(), tmp_path / "w" / "weights.pth", PREP)
 
 
-def test_auto_runtime_is_onnx_on_cpu(random_embedder):
-    assert random_embedder.device.type == "cpu" and random_embedder.runtime == "onnx"
+def test_auto_runtime_on_cpu_is_openvino_then_onnx_then_torch(random_embedder, monkeypatch, caplog):
+    assert random_embedder.device.type == "cpu" and random_embedder.runtime == "openvino"
+    missing = (lambda: False, *embedder_module.CPU_RUNTIMES["openvino"][1:])
+    monkeypatch.setitem(embedder_module.CPU_RUNTIMES, "openvino", missing)
+    assert random_embedder_for("auto").runtime == "onnx"
+    monkeypatch.setitem(embedder_module.CPU_RUNTIMES, "onnx", (lambda: False, *embedder_module.CPU_RUNTIMES["onnx"][1:]))
+    with caplog.at_level(logging.WARNING):
+        assert random_embedder_for("auto").runtime == "torch"
+    assert "openvino is not installed; onnx is not installed" in caplog.text
 
 
-@pytest.mark.parametrize("which", ["onnx_random", "torch_random"])
+@pytest.mark.parametrize("which", ["openvino_random", "onnx_random", "torch_random"])
 def test_shape_dtype_contiguity(which, request):
     embedder: Embedder = request.getfixturevalue(which)
     feats = embedder.embed(pictures(5))
@@ -77,7 +95,7 @@ def test_shape_dtype_contiguity(which, request):
     assert empty.shape == (0, 1280) and empty.dtype == np.float32
 
 
-@pytest.mark.parametrize("which", ["onnx_random", "torch_random"])
+@pytest.mark.parametrize("which", ["openvino_random", "onnx_random", "torch_random"])
 def test_batch_equals_one_by_one_and_keeps_order(which, request):
     embedder: Embedder = request.getfixturevalue(which)
     imgs = pictures(5)
@@ -91,11 +109,13 @@ def test_batch_equals_one_by_one_and_keeps_order(which, request):
     assert cosine_rows(together[:-1], together[1:]).max() < 0.9999
 
 
-def test_onnx_matches_torch_random_init(onnx_random, torch_random):
-    for a, b in zip(onnx_random.model.state_dict().values(), torch_random.model.state_dict().values(), strict=True):
+@pytest.mark.parametrize(("which", "min_cosine"), [("onnx_random", 0.999), ("openvino_random", 0.95)])  # OpenVINO: bf16 where the CPU has it
+def test_compiled_runtimes_match_torch_random_init(which, min_cosine, torch_random, request):
+    compiled: Embedder = request.getfixturevalue(which)
+    for a, b in zip(compiled.model.state_dict().values(), torch_random.model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     imgs = pictures(6, size=(200, 150))
-    assert cosine_rows(onnx_random.embed(imgs), torch_random.embed(imgs)).min() > 0.999
+    assert cosine_rows(compiled.embed(imgs), torch_random.embed(imgs)).min() > min_cosine
 
 
 def test_prepare_gives_network_input_in_any_thread(onnx_random):
@@ -140,11 +160,15 @@ def test_unknown_runtime_is_refused():
         Embedder(None, "cpu", runtime="tensorrt")
 
 
-def test_onnx_file_is_cached_and_reused(weights_file, tmp_path, fresh_memo, monkeypatch):
+COMPILED = pytest.mark.parametrize("runtime", ["onnx", "openvino"])  # both load the exported ONNX file
+
+
+@COMPILED
+def test_onnx_file_is_cached_and_reused(runtime, weights_file, tmp_path, fresh_memo, monkeypatch):
     cache = tmp_path / "onnx"
-    first = Embedder.load(str(weights_file), "cpu", cache_dir=cache)
+    first = Embedder.load(str(weights_file), "cpu", runtime=runtime, cache_dir=cache)
     files = list(cache.iterdir())
-    assert first.runtime == "onnx" and len(files) == 1
+    assert first.runtime == runtime and len(files) == 1
     assert files[0].name.startswith(first.fingerprint) and files[0].suffix == ".onnx"
     stamp = files[0].stat().st_mtime_ns
 
@@ -154,22 +178,23 @@ def test_onnx_file_is_cached_and_reused(weights_file, tmp_path, fresh_memo, monk
         raise AssertionError("should have used the cached file")
 
     monkeypatch.setattr(runtime_onnx, "export", no_export)
-    second = Embedder.load(str(weights_file), "cpu", cache_dir=cache)
-    assert second.runtime == "onnx" and files[0].stat().st_mtime_ns == stamp
+    second = Embedder.load(str(weights_file), "cpu", runtime=runtime, cache_dir=cache)
+    assert second.runtime == runtime and files[0].stat().st_mtime_ns == stamp
     imgs = pictures(3)
     np.testing.assert_array_equal(first.embed(imgs), second.embed(imgs))
 
 
-def test_corrupt_cache_file_is_exported_again(weights_file, tmp_path, fresh_memo, caplog):
+@COMPILED
+def test_corrupt_cache_file_is_exported_again(runtime, weights_file, tmp_path, fresh_memo, caplog):
     cache = tmp_path / "onnx"
-    Embedder.load(str(weights_file), "cpu", cache_dir=cache)
+    Embedder.load(str(weights_file), "cpu", runtime=runtime, cache_dir=cache)
     (cached,) = cache.iterdir()
     good = cached.read_bytes()
     cached.write_bytes(good[: len(good) // 3])  # a half-written or damaged file
     runtime_onnx._memo.clear()
     with caplog.at_level(logging.WARNING, logger="ffengine"):
-        again = Embedder.load(str(weights_file), "cpu", cache_dir=cache)
-    assert again.runtime == "onnx"
+        again = Embedder.load(str(weights_file), "cpu", runtime=runtime, cache_dir=cache)
+    assert again.runtime == runtime
     assert "exporting it again" in caplog.text
     assert cached.read_bytes() == good
 
@@ -188,12 +213,13 @@ def test_export_failure_falls_back_to_torch(weights_file, tmp_path, fresh_memo, 
     np.testing.assert_array_equal(embedder.embed(imgs), reference.embed(imgs))
 
 
-def test_unwritable_cache_dir_still_runs_onnx(weights_file, tmp_path, fresh_memo, caplog):
+@COMPILED
+def test_unwritable_cache_dir_still_runs_onnx(runtime, weights_file, tmp_path, fresh_memo, caplog):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the cache directory should be")
     with caplog.at_level(logging.WARNING, logger="ffengine"):
-        embedder = Embedder.load(str(weights_file), "cpu", cache_dir=blocker / "onnx")
-    assert embedder.runtime == "onnx"
+        embedder = Embedder.load(str(weights_file), "cpu", runtime=runtime, cache_dir=blocker / "onnx")
+    assert embedder.runtime == runtime
     assert "cannot cache the ONNX model" in caplog.text
 
 
@@ -203,8 +229,9 @@ def test_random_init_is_never_written_to_disk(tmp_path, fresh_memo):
     assert not list(tmp_path.iterdir())
 
 
-def test_in_place_training_is_picked_up(weights_file, fresh_memo):
-    tuned = Embedder.load(str(weights_file), "cpu", runtime="onnx")
+@pytest.mark.parametrize(("runtime", "min_cosine"), [("onnx", 0.999), ("openvino", 0.95)])
+def test_in_place_training_is_picked_up(runtime, min_cosine, weights_file, fresh_memo):
+    tuned = Embedder.load(str(weights_file), "cpu", runtime=runtime)
     reference = Embedder.load(str(weights_file), "cpu", runtime="torch")
     imgs = pictures(3)
     before = tuned.embed(imgs)
@@ -213,10 +240,10 @@ def test_in_place_training_is_picked_up(weights_file, fresh_memo):
         for param in list(tuned.model.parameters())[-6:]:
             param.add_(torch.randn_like(param) * param.std())
     after = tuned.embed(imgs)
-    assert tuned.runtime == "onnx"
+    assert tuned.runtime == runtime
     assert cosine_rows(before, after).max() < 0.99
     reference.model.load_state_dict(tuned.model.state_dict())
-    assert cosine_rows(after, reference.embed(imgs)).min() > 0.999
+    assert cosine_rows(after, reference.embed(imgs)).min() > min_cosine
 
 
 def test_train_mode_does_not_leak_into_embeddings(torch_random):
@@ -231,7 +258,7 @@ def test_train_mode_does_not_leak_into_embeddings(torch_random):
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("which", ["onnx_random", "torch_random"])
+@pytest.mark.parametrize("which", ["openvino_random", "onnx_random", "torch_random"])
 def test_forward_pass_releases_the_gil(which, request):
     embedder: Embedder = request.getfixturevalue(which)
     batch = embedder.prepare(pictures(8))
@@ -279,10 +306,10 @@ def test_threads_share_one_embedder(onnx_random):
     assert len(results) == 4 and all(np.array_equal(r, want) for r in results)
 
 
-@pytest.mark.parametrize("which", ["onnx_random", "torch_random"])
+@pytest.mark.parametrize("which", ["openvino_random", "onnx_random", "torch_random"])
 def test_embedding_on_the_callers_thread_gives_the_same_features(which, request):
     embedder: Embedder = request.getfixturevalue(which)
-    assert embedder.wants_one_picture_per_thread is (which == "onnx_random")
+    assert embedder.wants_one_picture_per_thread is (which != "torch_random")
     pixels = embedder.prepare(pictures(6))
     want = embedder.embed_arrays(pixels)
     results: dict[int, np.ndarray] = {}
@@ -345,6 +372,27 @@ def test_real_onnx_matches_torch_and_ranks_the_same(real_pair, shared):
         return [sorted(np.argsort(-row)[:5].tolist()) for row in sims]
 
     assert top5(a) == top5(b)
+
+
+def test_real_openvino_agrees_with_torch_and_ranks_alike(real_pair, real_weights, shared):
+    """OpenVINO computes in bfloat16 where the CPU has it: close to fp32, same neighbours for the most part."""
+    _, torch_emb = real_pair
+    ov_emb = Embedder.load(str(real_weights), "cpu", runtime="openvino")
+    assert ov_emb.runtime == "openvino" and ov_emb.fingerprint == torch_emb.fingerprint
+    sample = catalogue_sample(shared, 5, CATEGORIES)
+    queries = sorted(shared("datasets", "queries", "test").glob("*/*.jpg"))[::60][:8]
+    imgs = [load_image(p) for _, p in sample] + [load_image(p) for p in queries]
+    a, b = ov_emb.embed(imgs), torch_emb.embed(imgs)
+    cos = cosine_rows(a, b)
+    assert cos.min() > 0.95 and cos.mean() > 0.985, (cos.min(), cos.mean())
+    n = len(sample)
+
+    def top5(feats: np.ndarray) -> list[set[int]]:
+        unit = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+        return [set(np.argsort(-row)[:5].tolist()) for row in unit[n:] @ unit[:n].T]
+
+    overlap = np.mean([len(x & y) / 5 for x, y in zip(top5(a), top5(b), strict=True)])
+    assert overlap >= 0.8, overlap
 
 
 def test_real_features_find_the_same_product_in_another_view(real_pair, shared):

@@ -216,7 +216,7 @@ async def usable_searches(db: Database, current: Current) -> list[FeedbackSearch
 
 
 def _benchmark(photos: LabelledPhotos, weights: str, settings: EngineSettings) -> Benchmark:
-    embedder = Embedder.load(weights, settings.device)
+    embedder = Embedder.load(weights, settings.device, runtime=settings.runtime)
     return Benchmark.prepare(photos, embedder, settings.cache_dir)
 
 

@@ -79,14 +79,14 @@ async def _finetune(db: Database, settings: EngineSettings, catalog: Path, opts:
     run.made.append(folder)
     await run.step(0.01, f"reading {catalog}")
     read = await asyncio.to_thread(read_catalog, catalog)
-    base = await asyncio.to_thread(Embedder.load, current.weights, settings.device)
+    base = await asyncio.to_thread(Embedder.load, current.weights, settings.device, runtime=settings.runtime)
     await run.step(0.03, f"fine-tuning {current.name}'s backbone on {len(read.products)} products")
     result = await asyncio.to_thread(
         finetune, read.products, base, folder / WEIGHTS_FILE, opts.training, progress=run.within(0.03, 0.7, "fine-tune"), meta={"version": name}
     )
     await run.step(0.7, f"held-out micro-F1 {result.micro_f1:.3f}; embedding the catalogue with the new weights")
     weights = str((folder / WEIGHTS_FILE).resolve())
-    tuned = await asyncio.to_thread(Embedder.load, weights, settings.device)
+    tuned = await asyncio.to_thread(Embedder.load, weights, settings.device, runtime=settings.runtime)
     report = await asyncio.to_thread(build_index, read, folder / "index", tuned, cache_dir=settings.cache_dir, progress=False)
     metrics: dict[str, Any] = {
         **{k: v for k, v in result.to_json().items() if k not in ("weights", "history")},

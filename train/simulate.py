@@ -90,7 +90,7 @@ async def simulate(
                 "or model versions; point --database-url (or DATABASE_URL) at a new one"
             )
         say(0.0, f"building the base index from {catalog}")
-        embedder = await asyncio.to_thread(Embedder.load, settings.weights, settings.device)
+        embedder = await asyncio.to_thread(Embedder.load, settings.weights, settings.device, runtime=settings.runtime)
         index_dir = settings.index_dir
         report = await asyncio.to_thread(
             build_index, catalog, index_dir, embedder, cache_dir=settings.cache_dir, progress=False, limit=opts.catalog_limit
