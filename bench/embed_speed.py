@@ -322,7 +322,7 @@ def main() -> None:
     base = Baselines(embedder)
     others = [Embedder.load(args.weights, "cpu", runtime=r) for r in ("onnx", "openvino") if r != embedder.runtime]  # the other runtime(s)
     runs = configs(embedder, base, [o for o in others if o.runtime != "torch"])
-    shipped = next(name for name in runs if name.startswith("Embedder"))
+    shipped = next(name for name in runs if name.endswith("shipped)"))
     print(f"load average {load_before}; {os.cpu_count()} CPUs; shipped runtime: {embedder.runtime}", flush=True)
 
     rows = catalogue_rows()
@@ -339,7 +339,7 @@ def main() -> None:
             row["vs_onnxruntime"] = round(row["median_img_s"] / ref, 2)
         print(f"batch {batch}: " + ", ".join(f"{k} {v['median_img_s']}" for k, v in speed[str(batch)].items()), flush=True)
 
-    duel = {name: runs[name] for name in ("onnxruntime (plain)", shipped)}
+    duel = {name: run for name, run in runs.items() if name == "onnxruntime (plain)" or name.startswith("Embedder")}
     busy = contended(duel, pixels, base, args.rounds)
     print(f"with one core busy: {busy}", flush=True)
 
