@@ -59,6 +59,26 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
         raise
 
 
+class DiskWrites:
+    """Attempts to write a cache: the first refusal (full disk, read-only folder) is logged, the rest
+    are quiet; the caller goes on without caching either way."""
+
+    def __init__(self, what: str, root: Path) -> None:
+        self.what, self.root = what, root
+        self._warned = False
+
+    def attempt(self, write: Callable[[], object]) -> bool:
+        """Run ``write``; ``False`` if the disk refused it (``OSError``)."""
+        try:
+            write()
+        except OSError as exc:
+            if not self._warned:
+                log.warning("%s %s is not writable (%s); continuing without it", self.what, self.root, exc)
+                self._warned = True
+            return False
+        return True
+
+
 class EmbeddingCache:
     """Features of one model (``fingerprint``, ``dim`` floats each) stored on disk.
 
@@ -72,7 +92,7 @@ class EmbeddingCache:
         self.root = Path(root) / fingerprint_dir_name(fingerprint)
         self.fingerprint = fingerprint
         self.dim = dim
-        self._warned = False
+        self._writes = DiskWrites("embedding cache", self.root)
 
     def path(self, digest: str) -> Path:
         if not _SHA256.match(digest):
@@ -102,14 +122,8 @@ class EmbeddingCache:
         feature = np.ascontiguousarray(feature, dtype=np.float32)
         if feature.shape != (self.dim,):
             raise ValueError(f"expected a ({self.dim},) feature, got {feature.shape}")
-        try:
-            write_atomic(self.path(digest), lambda fh: np.save(fh, feature, allow_pickle=False))
-        except OSError as exc:
-            if not self._warned:
-                log.warning("embedding cache %s is not writable (%s); continuing without caching", self.root, exc)
-                self._warned = True
-            return False
-        return True
+        path = self.path(digest)
+        return self._writes.attempt(lambda: write_atomic(path, lambda fh: np.save(fh, feature, allow_pickle=False)))
 
     def __len__(self) -> int:
         """Number of stored entries (walks the folder; for tests and tools)."""

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from ffengine.config import EngineSettings, check_device, database_url, load_dotenv_file
+from ffengine.config import EngineSettings, check_device, check_runtime, database_url, load_dotenv_file
 from ffengine.errors import FFError, ImageRejected
 from ffengine.index import BACKENDS, DEFAULT_BACKEND
 
@@ -31,12 +31,14 @@ RECOMMEND_BATCH = 32
 
 
 def settings_from(args: argparse.Namespace) -> EngineSettings:
-    """Environment settings with ``--weights`` / ``--device`` / ``--index`` applied on top."""
+    """Environment settings with ``--weights`` / ``--device`` / ``--runtime`` / ``--index`` applied on top."""
     settings = EngineSettings.from_env()
     if getattr(args, "weights", None):
         settings = replace(settings, weights=args.weights)
     if getattr(args, "device", None):
         settings = replace(settings, device=check_device(args.device, "--device"))
+    if getattr(args, "runtime", None):
+        settings = replace(settings, runtime=check_runtime(args.runtime, "--runtime"))
     if getattr(args, "index", None):
         settings = replace(settings, index_dir=Path(args.index))
     return settings
@@ -187,6 +189,7 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", help="torchvision weights name or .pth file with JSON sidecar (default: $FFENGINE_WEIGHTS)")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: $FFENGINE_DEVICE or auto)")
+    parser.add_argument("--runtime", help="CPU runtime: auto, openvino, onnx or torch (default: $FFENGINE_RUNTIME or auto)")
 
 
 def build_parser() -> argparse.ArgumentParser:

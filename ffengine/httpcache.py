@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ffengine.cache import write_atomic
+from ffengine.cache import DiskWrites, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class HttpCache:
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
-        self._warned = False
+        self._writes = DiskWrites("HTTP cache", self.root)
 
     @classmethod
     def beside(cls, cache_dir: str | os.PathLike[str]) -> HttpCache:
@@ -120,17 +120,9 @@ class HttpCache:
         """Remember ``body`` as the current version of ``url``, or forget ``url`` when ``validators``
         is ``None``; returns ``False`` (and warns once) if the disk refuses."""
         path = self.path(url)
-        try:
-            if validators is None:
-                path.unlink(missing_ok=True)
-            else:
-                write_atomic(path, lambda fh: fh.write(_serialise(_key(url), body, validators)))
-        except OSError as exc:
-            if not self._warned:
-                log.warning("HTTP cache %s is not writable (%s); continuing without it", self.root, exc)
-                self._warned = True
-            return False
-        return True
+        if validators is None:
+            return self._writes.attempt(lambda: path.unlink(missing_ok=True))
+        return self._writes.attempt(lambda: write_atomic(path, lambda fh: fh.write(_serialise(_key(url), body, validators))))
 
 
 def _key(url: str) -> str:

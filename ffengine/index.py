@@ -23,6 +23,7 @@ default is what it is.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -51,6 +52,8 @@ MANIFEST_FILE = "manifest.json"
 PCA_FIT_ROWS = 20_000
 #: Scratch memory for exact re-ranking (bytes of gathered candidate vectors at a time).
 RERANK_BLOCK_BYTES = 16 << 20
+#: A ``<index>.tmp-*`` directory untouched for this long is a crashed write's leftover (seconds).
+STALE_TMP_SECONDS = 3600
 #: Rows for the shortlist's PCA, fitted at every load (it only picks candidates, so a sample will do).
 COARSE_FIT_ROWS = 2_000
 #: Fewest rows worth product quantisation: FAISS trains 16 centroids per subspace and wants ~40
@@ -577,7 +580,28 @@ def write_index(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    remove_stale_tmp(out)
     return out
+
+
+def remove_stale_tmp(out: Path, min_age_s: float = STALE_TMP_SECONDS) -> list[Path]:
+    """Delete ``<out>.tmp-*`` directories that crashed writes left behind; returns what went.
+
+    Only those untouched for ``min_age_s``: a write in progress (another process) is younger,
+    since the features are computed before its directory is created.
+    """
+    removed = []
+    now = time.time()
+    for leftover in out.parent.glob(f"{glob.escape(out.name)}.tmp-*"):
+        try:
+            if leftover.is_dir() and not leftover.is_symlink() and now - leftover.stat().st_mtime > min_age_s:
+                shutil.rmtree(leftover)
+                removed.append(leftover)
+        except OSError as exc:  # gone already, or not ours to delete: leave it
+            log.debug("cannot remove %s: %s", leftover, exc)
+    if removed:
+        log.info("removed %d leftover(s) of interrupted index writes next to %s", len(removed), out)
+    return removed
 
 
 def old_path(out: Path) -> Path:

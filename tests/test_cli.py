@@ -76,7 +76,7 @@ def test_recommend_json_with_a_good_and_a_bad_photo_and_a_sheet(store: Path) -> 
     (store / "query.png").write_bytes(make_image(2 * 11 + 3, size=(120, 160), fmt="PNG"))  # product sku2's picture, as PNG
     (store / "broken.jpg").write_bytes(make_image(5)[:200])
     proc = run(
-        "recommend", "--index", "idx", "--weights", "model-a.pth", "--device", "cpu", "--k", "3", "--json",
+        "recommend", "--index", "idx", "--weights", "model-a.pth", "--device", "cpu", "--runtime", "onnx", "--k", "3", "--json",
         "--sheet", "sheet.png", "query.png", "broken.jpg", cwd=store,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -139,6 +139,7 @@ def test_every_photo_failing_exits_1(store: Path, monkeypatch: pytest.MonkeyPatc
         (["--weights", "model-b.pth"], "built by another model"),
         (["--weights", "model-a.pth", "--index", "no-index-here"], "No index at"),
         (["--weights", "model-a.pth", "--device", "tpu"], "--device must be one of"),
+        (["--weights", "model-a.pth", "--runtime", "tensorrt"], "--runtime must be one of"),
         (["--weights", "model-a.pth", "--k", "0"], "--k must be at least 1"),
         (["--weights", "model-a.pth", "--device", "cpu", "--gender", "men"], "q.jpg: File not found"),
     ],

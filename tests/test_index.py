@@ -8,6 +8,7 @@ import pickle
 import subprocess
 import sys
 import textwrap
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -371,3 +372,20 @@ def test_temp_dirs_are_siblings_and_hidden_from_load(built: tuple[Path, np.ndarr
     (stray / "features.npy").write_bytes(b"half")
     assert len(Index.load(out)) == 120
     assert os.path.isdir(stray)
+
+
+def test_leftovers_of_crashed_writes_are_removed_but_not_a_write_in_progress(tmp_path: Path) -> None:
+    stale = tmp_path / "idx.tmp-crashed"
+    (stale / "sub").mkdir(parents=True)
+    (stale / "sub" / "vectors.npy").write_bytes(b"half")
+    old = time.time() - 2 * 3600
+    os.utime(stale, (old, old))
+    live = tmp_path / "idx.tmp-writing"  # another process's write, minutes old at most
+    live.mkdir()
+    other = tmp_path / "other.tmp-crashed"  # another index's leftover: not ours to judge
+    other.mkdir()
+    os.utime(other, (old, old))
+    out = write_index(tmp_path / "idx", features(5), products(5), fingerprint="m", catalog_hash="c")
+    assert Index.load(out).fingerprint == "m"
+    assert not stale.exists() and live.is_dir() and other.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx", "idx.tmp-writing", "other.tmp-crashed"]
