@@ -15,7 +15,7 @@ import logging
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -37,6 +37,16 @@ CPU_RUNTIMES = {
     "openvino": (runtime_openvino.available, runtime_openvino.OpenVinoRunner, runtime_openvino.MIN_PROBE_COSINE),
     "onnx": (runtime_onnx.available, runtime_onnx.OnnxRunner, runtime_onnx.MIN_PROBE_COSINE),
 }
+
+
+class CompiledRunner(Protocol):
+    """What :mod:`ffengine.runtime_openvino` and :mod:`ffengine.runtime_onnx` runners offer."""
+
+    name: str
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray: ...
+
+    def run_here(self, batch: np.ndarray) -> np.ndarray: ...
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -93,7 +103,7 @@ class Embedder:
         self._lock = threading.Lock()
         self._cache_dir = (cache_dir or runtime_onnx.default_cache_dir()) if resolved else None
         self._torch = TorchRunner(self._net, self.device)
-        self._runner: Any = self._torch
+        self._runner: TorchRunner | CompiledRunner = self._torch
         self._watch: list[torch.Tensor] | None = None  # set once .model is handed out
         self._exported_version = 0
         cpu = self.device.type == "cpu"
@@ -130,8 +140,8 @@ class Embedder:
 
     @property
     def wants_one_picture_per_thread(self) -> bool:
-        """True when throughput is best with one picture per call from one worker thread per
-        core (ONNX Runtime on CPU, ``embed_arrays(..., on_caller_thread=True)``) rather than batches."""
+        """True when throughput is best with one picture per call from one worker thread per core
+        (a compiled CPU runtime, ``embed_arrays(..., on_caller_thread=True)``) rather than batches."""
         return self._runner is not self._torch
 
     def embed_arrays(self, batch: np.ndarray, *, on_caller_thread: bool = False) -> np.ndarray:
@@ -150,7 +160,7 @@ class Embedder:
             if self._watch is not None and self._tensor_version() != self._exported_version:
                 self._compile()  # the weights were trained in place since the export
             runner = self._runner
-            if not (on_caller_thread and runner is not self._torch):
+            if not on_caller_thread or isinstance(runner, TorchRunner):
                 return np.ascontiguousarray(runner(batch), dtype=np.float32)
         return np.ascontiguousarray(runner.run_here(batch), dtype=np.float32)
 
