@@ -7,9 +7,9 @@ a pipeline on an asyncio loop that only coordinates:
   the copy in the :class:`~ffengine.httpcache.HttpCache` beside the embedding cache), hashes the
   bytes, looks the hash up in the :class:`~ffengine.cache.EmbeddingCache`, and only on
   a miss decodes (:func:`~ffengine.images.load_image`) and runs ``embedder.prepare``;
-* with ONNX Runtime on CPU the same worker then embeds its picture on its own thread
-  (a single-threaded session per call, one worker per core plus one): no hand-off and
-  no batching, which costs ~20% less CPU per image than a separate model thread;
+* with a compiled CPU runtime (OpenVINO, ONNX Runtime) the same worker then embeds its
+  picture itself (one worker per core plus one, each call confined to one core's worth of
+  work): no hand-off and no batching, ~20% less CPU per image than a separate model thread;
 * with any other runtime (PyTorch on GPU) one model thread runs ``embedder.embed_arrays``
   on batches instead. PIL, hashlib and the runtimes release the GIL, so all of this
   overlaps; new features go to the cache as they come.
@@ -443,8 +443,8 @@ class _Run:
 
 def _embeds_inline(embedder: FeatureExtractor) -> bool:
     """Whether each decode worker should embed its own picture (see ``Embedder.wants_one_picture_per_thread``):
-    ONNX Runtime on CPU runs fastest as one single-threaded call per core, and skipping the hand-off
-    to a model thread saves ~20% CPU per image (bench/build_speed.py). Batching wins everywhere else (GPU)."""
+    compiled CPU runtimes run fastest as one picture per core, and skipping the hand-off to a model
+    thread saves ~20% CPU per image (bench/build_speed.py). Batching wins everywhere else (GPU)."""
     return bool(getattr(embedder, "wants_one_picture_per_thread", False))
 
 
