@@ -194,9 +194,9 @@ class Searcher(Protocol):
 class ExactSearcher:
     """Brute force: every query against every vector (the yardstick the others are measured against)."""
 
-    def __init__(self, vectors: np.ndarray) -> None:
+    def __init__(self, vectors: np.ndarray, sq_norms: np.ndarray | None = None) -> None:
         self.vectors = vectors
-        self.sq_norms = np.einsum("ij,ij->i", vectors, vectors)
+        self.sq_norms = squared_norms(vectors) if sq_norms is None else sq_norms
 
     def candidates(self, queries: np.ndarray, c: int) -> np.ndarray:
         """The ``c`` nearest rows per query, unordered (no exact re-rank)."""
@@ -204,6 +204,11 @@ class ExactSearcher:
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return exact_search(self.vectors, queries, k, self.sq_norms)
+
+
+def squared_norms(vectors: np.ndarray) -> np.ndarray:
+    """``(n,)`` squared lengths of the rows of ``vectors`` (n, d)."""
+    return np.einsum("ij,ij->i", vectors, vectors)
 
 
 def nearest_rows(vectors: np.ndarray, queries: np.ndarray, c: int, sq_norms: np.ndarray) -> np.ndarray:
@@ -230,7 +235,7 @@ def exact_search(
     recomputed from differences so that near-duplicates get exact (tiny) distances.
     """
     if sq_norms is None:
-        sq_norms = np.einsum("ij,ij->i", vectors, vectors)
+        sq_norms = squared_norms(vectors)
     k = min(k, len(vectors))
     return rerank(vectors, queries, nearest_rows(vectors, queries, k, sq_norms), k)
 
@@ -283,9 +288,11 @@ class ShortlistSearcher:
     copy: product-quantised codes (:class:`PQSearcher`), brute force or a BallTree.
     """
 
-    def __init__(self, vectors: np.ndarray, coarse_dims: int, shortlist: int, inner: Any = ExactSearcher) -> None:
+    def __init__(
+        self, vectors: np.ndarray, coarse_dims: int, shortlist: int, inner: Any = ExactSearcher, sq_norms: np.ndarray | None = None
+    ) -> None:
         self.vectors = vectors
-        self.sq_norms = np.einsum("ij,ij->i", vectors, vectors)
+        self.sq_norms = squared_norms(vectors) if sq_norms is None else sq_norms
         self.shortlist = shortlist
         self.coarse = quick_pca(vectors, coarse_dims)
         self.inner = inner(self.coarse.apply(vectors))
@@ -391,11 +398,14 @@ def pq_subspaces(dims: int) -> int:
     return dims // 2 if dims % 2 == 0 else dims
 
 
-def make_searcher(backend: str, vectors: np.ndarray, options: dict[str, Any]) -> Searcher:
-    """The searcher for ``backend``; a PCA shortlist only when it is smaller than the vectors."""
+def make_searcher(backend: str, vectors: np.ndarray, options: dict[str, Any], sq_norms: np.ndarray | None = None) -> Searcher:
+    """The searcher for ``backend``; a PCA shortlist only when it is smaller than the vectors.
+
+    ``sq_norms``: the vectors' squared lengths when the caller has them already (not computed twice).
+    """
     options = effective_options(backend, options)
     if backend == "exact":
-        return ExactSearcher(vectors)
+        return ExactSearcher(vectors, sq_norms)
     inner: Any = ExactSearcher
     if backend == "balltree":
         leaf = int(options["leaf_size"])
@@ -405,8 +415,8 @@ def make_searcher(backend: str, vectors: np.ndarray, options: dict[str, Any]) ->
         subspaces = options["pq_subspaces"] or pq_subspaces(coarse)
         inner = lambda data: PQSearcher(data, subspaces)  # noqa: E731
     if coarse and coarse < min(vectors.shape):
-        return ShortlistSearcher(vectors, int(coarse), int(options["shortlist"]), inner)
-    return inner(vectors) if backend == "balltree" else ExactSearcher(vectors)
+        return ShortlistSearcher(vectors, int(coarse), int(options["shortlist"]), inner, sq_norms)
+    return inner(vectors) if backend == "balltree" else ExactSearcher(vectors, sq_norms)
 
 
 class Index:
@@ -433,13 +443,13 @@ class Index:
         self.products = list(products)
         self.projection = projection
         self.vectors = projection.apply(self.features) if vectors is None else vectors
-        self.sq_norms = np.einsum("ij,ij->i", self.vectors, self.vectors)
+        self.sq_norms = squared_norms(self.vectors)
         self.fingerprint = fingerprint
         self.backend = backend
         self.options = effective_options(backend, options)
         self.path = path
         self.manifest = manifest or {}
-        self.searcher = make_searcher(backend, self.vectors, self.options)
+        self.searcher = make_searcher(backend, self.vectors, self.options, self.sq_norms)
 
     def __len__(self) -> int:
         return len(self.products)

@@ -208,15 +208,13 @@ class OnnxRunner:
             return self.single.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
         step = self.micro_batch
         chunks = [batch[start : start + step] for start in range(0, len(batch), step)]
-        run = self._run_batched
+        run = self.run_here
         parts = list(self._pool.map(run, chunks)) if self._pool is not None else [run(c) for c in chunks]
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def run_here(self, batch: np.ndarray) -> np.ndarray:
         """Features computed on the calling thread only (one core); safe from many threads at once."""
         return self._batched.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
-
-    _run_batched = run_here
 
 
 def _session(model: bytes, threads: int):  # -> onnxruntime.InferenceSession

@@ -53,6 +53,7 @@ class OpenVinoRunner:
         self.single = core.compile_model(graph, "CPU", {"PERFORMANCE_HINT": "LATENCY"})
         self.parallel = core.compile_model(graph, "CPU", {"PERFORMANCE_HINT": "THROUGHPUT"})
         self.precision: str = self.parallel.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+        self.dim = self.parallel.output(0).get_partial_shape()[1].get_length()
         self._single = self.single.create_infer_request()
         self._single_lock = threading.Lock()
         self._queue = ov.AsyncInferQueue(self.parallel, int(self.parallel.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
@@ -63,7 +64,7 @@ class OpenVinoRunner:
         if len(batch) == 1:
             with self._single_lock:
                 return _features(self._single.infer({0: batch}))
-        out = np.empty((len(batch), self.parallel.output(0).get_partial_shape()[1].get_length()), np.float32)
+        out = np.empty((len(batch), self.dim), np.float32)
 
         def done(request: Any, row: int) -> None:
             out[row] = request.get_output_tensor(0).data[0]
