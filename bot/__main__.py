@@ -1,12 +1,15 @@
 """``python -m bot`` / ``focusedfashion-bot``: read settings, prepare, serve until Ctrl-C.
 
 A missing or malformed setting, unreadable weights or index, or a token Telegram refuses
-stops start-up with one line naming the problem (exit status 2), never a traceback.
+stops start-up with one line naming the problem (exit status 2), never a traceback. A fatal
+signal (SIGBUS from a database file cut short under the bot, SIGSEGV) still writes the
+Python stack of every thread to stderr before the process dies, rather than nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import sys
 
@@ -25,6 +28,7 @@ def fail(message: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    faulthandler.enable(file=sys.__stderr__)
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] in ("-h", "--help"):
         print(__doc__.strip() + "\n\nSettings are read from the environment and .env; see README.md.")

@@ -4,6 +4,10 @@ The first time a product is shown its photo is uploaded (or, for an http(s) imag
 by URL for Telegram to fetch); Telegram answers with a ``file_id`` that is stored and
 sent instead from then on. A stale ``file_id`` or an unreachable URL must not cost the
 user their answer: the album is retried with fresh uploads, then as plain text.
+
+A local photo is read only if its path still leads where it did when the catalogue was
+read and checked (:func:`ffengine.catalog.local_image_path`): a link swapped in since must
+not turn any file on the machine into a "product photo" sent to a shopper.
 """
 
 from __future__ import annotations
@@ -12,19 +16,22 @@ import asyncio
 import logging
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from telegram import Bot, InputMediaPhoto, Message
 from telegram.error import BadRequest
 
-from ffengine.catalog import Product
+from ffengine.catalog import Product, local_image_path
 from ffengine.db import Database
+from ffengine.errors import ImageRejected
+from ffengine.images import read_image_bytes
 from ffengine.recommend import Recommendation
 
 log = logging.getLogger(__name__)
 MAX_TITLE = 200
 MAX_ALBUM = 10  # Telegram's media-group limit
+MAX_CAPTION = 1024  # Telegram's limits, in characters
+MAX_MESSAGE = 4096
 
 
 def format_price(product: Product) -> str | None:
@@ -34,15 +41,16 @@ def format_price(product: Product) -> str | None:
     return f"{amount} {product.currency}" if product.currency else amount
 
 
-def caption(rank: int, product: Product) -> str:
-    """``1. Title`` / price (if known) / page link; plain text, well under the 1024-char limit."""
+def caption(rank: int, product: Product, room: int = MAX_CAPTION) -> str:
+    """``1. Title`` / price (if known) / page link; plain text within ``room`` characters
+    (a link too long to fit is left out rather than costing the photos or the answer)."""
     title = product.title if len(product.title) <= MAX_TITLE else product.title[: MAX_TITLE - 1] + "…"
-    lines = [f"{rank}. {title}"]
+    text = f"{rank}. {title}"
     if price := format_price(product):
-        lines.append(price)
-    if product.url:
-        lines.append(product.url)
-    return "\n".join(lines)
+        text += f"\n{price}"
+    if product.url and len(text) + 1 + len(product.url) <= room:
+        text += f"\n{product.url}"
+    return text
 
 
 @dataclass(frozen=True)
@@ -59,9 +67,9 @@ async def _photo_source(product: Product, file_id: str | None) -> str | bytes | 
     if product.is_remote:
         return product.image
     try:
-        return await asyncio.to_thread(Path(product.image).read_bytes)
-    except OSError as exc:
-        log.warning("product %s: cannot read its photo %s (%s)", product.id, product.image, exc.strerror)
+        return await asyncio.to_thread(lambda: read_image_bytes(local_image_path(product.image)))
+    except (OSError, ImageRejected) as exc:
+        log.warning("product %s: cannot read its photo %s (%s)", product.id, product.image, exc)
         return None
 
 
@@ -105,7 +113,8 @@ async def send_album(
             break
         background(_remember(db, items, messages))
         return True
-    await bot.send_message(chat_id, "\n\n".join(caption(rank, r.product) for rank, r in enumerate(recs, start=1)))
+    room = MAX_MESSAGE // max(len(recs), 1) - 2  # each entry's share, less the blank line between them
+    await bot.send_message(chat_id, "\n\n".join(caption(rank, r.product, room) for rank, r in enumerate(recs, start=1)))
     return False
 
 

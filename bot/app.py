@@ -1,9 +1,10 @@
 """``build_application(settings)``: the python-telegram-bot Application, wired like PTB's examples.
 
-Start-up (``post_init``) opens the database, prepares what a first run lacks, loads the
-active model, starts the search batcher and publishes the command menus; shutdown
-(``post_shutdown``, after PTB has waited for in-flight handlers) drains the batcher and the
-handlers' background tasks and closes the database, so nothing is left half-written.
+Start-up (``post_init``) opens the database, closes a /retrain a killed bot left open (and
+says so in its status message), prepares what a first run lacks, loads the active model,
+starts the search batcher and publishes the command menus; shutdown (``post_shutdown``,
+after PTB has waited for in-flight handlers) drains the batcher and the handlers'
+background tasks and closes the database, so nothing is left half-written.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from bot.config import BotSettings
 from bot.context import SERVICES, SETTINGS, BotServices, FFContext, Throttle
 from bot.handlers import admin, errors, help, privacy, rating, search
 from bot.models import ModelLoader, ModelSwitch
-from bot.retrain import Retrainer
+from bot.retrain import Retrainer, report_interrupted
 from ffengine.db import Database
+from train.runs import recover_interrupted
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,7 @@ async def on_startup(app: Application) -> None:
     settings: BotSettings = app.bot_data[SETTINGS]
     db = await Database.open(settings.database_url)
     try:
+        await report_interrupted(app, await recover_interrupted(db, settings.engine))
         loader = ModelLoader(settings.engine.device, settings.engine.runtime)
         await prepare(settings, db, loader)
         models = await ModelSwitch.open(db, loader)

@@ -1,8 +1,9 @@
 """First run: make sure there is a database, an index and an active model version.
 
 ``Database.open`` brings the schema to head; an index is built from ``FFENGINE_CATALOG``
-when ``FFENGINE_INDEX`` holds none; the pair (``FFENGINE_WEIGHTS``, index) is registered
-as the base model version and activated. Later runs find the active version and do nothing.
+when ``FFENGINE_INDEX`` holds none; the pair (``FFENGINE_WEIGHTS``, index) is loaded, so a
+broken one stops start-up before it is recorded, then registered as the base model version
+and activated. Later runs find the active version and do nothing.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ async def prepare(settings: BotSettings, db: Database, loader: ModelLoader) -> M
     weights = settings.engine.weights
     if looks_like_path(weights):  # the version must not depend on the directory the bot starts in
         weights = str(Path(weights).expanduser().resolve())
+    await asyncio.to_thread(loader.recommender, weights, index_dir)  # FFError for a corrupt index or wrong weights
     version = await db.create_model_version(
         BASE_VERSION,
         weights,

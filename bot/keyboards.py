@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from telegram import InlineKeyboardButton, InlineKeyboardMarkup
+
+from ffengine.catalog import is_linkable_url
 
 RATING_PREFIX = "r:"
 _RATING_RE = re.compile(r"r:([1-9][0-9]{0,17}):([+-]1)")
@@ -46,12 +48,9 @@ def parse_rating(data: str | None) -> RatingPress | None:
     return RatingPress(int(match.group(1)), int(match.group(2)))
 
 
-def is_web_url(url: str | None) -> bool:
-    return bool(url) and url.startswith(("https://", "http://"))  # type: ignore[union-attr]
-
-
 def rating_keyboard(items: Sequence[RatingItem], choices: Mapping[int, int] | None = None) -> InlineKeyboardMarkup:
-    """One row per product: ``n 👍``, ``n 👎`` (✅ marks the stored choice) and a link to its page."""
+    """One row per product: ``n 👍``, ``n 👎`` (✅ marks the stored choice) and a link to its page
+    when it has one Telegram accepts (a refused link button would fail the whole keyboard)."""
     choices = choices or {}
     rows = []
     for item in items:
@@ -60,10 +59,15 @@ def rating_keyboard(items: Sequence[RatingItem], choices: Mapping[int, int] | No
             InlineKeyboardButton(f"{CHOSEN if chosen == LIKE else ''}{item.rank} 👍", callback_data=rating_data(item.recommendation_id, LIKE)),
             InlineKeyboardButton(f"{CHOSEN if chosen == DISLIKE else ''}{item.rank} 👎", callback_data=rating_data(item.recommendation_id, DISLIKE)),
         ]
-        if is_web_url(item.url):
+        if is_linkable_url(item.url):
             row.append(InlineKeyboardButton(f"{item.rank} 🔗 View", url=item.url))
         rows.append(row)
     return InlineKeyboardMarkup(rows)
+
+
+def without_links(items: Sequence[RatingItem]) -> list[RatingItem]:
+    """The same rows with no link button (what is left when Telegram refuses a link)."""
+    return [replace(item, url=None) for item in items]
 
 
 def items_from_keyboard(markup: InlineKeyboardMarkup | None) -> list[RatingItem]:

@@ -74,11 +74,14 @@ class ModelLoader:
                 found = self._embedders.setdefault(weights, found)
         return found
 
+    def recommender(self, weights: str, index_dir: Path) -> Recommender:
+        """Blocking: load weights and index (``FFError`` with a readable message on failure)."""
+        embedder = self.embedder(weights)
+        return Recommender(embedder, Index.load(index_dir, expect_fingerprint=embedder.fingerprint))
+
     def load(self, version: ModelVersion) -> ActiveModel:
         """Blocking: load ``version``'s weights and index (``FFError`` with a readable message on failure)."""
-        embedder = self.embedder(version.weights)
-        index = Index.load(Path(version.index_dir), expect_fingerprint=embedder.fingerprint)
-        return ActiveModel(version.id, version.name, Recommender(embedder, index))
+        return ActiveModel(version.id, version.name, self.recommender(version.weights, Path(version.index_dir)))
 
     def keep_only(self, weights: Sequence[str]) -> None:
         """Forget backbones no longer in use (after a switch) so memory does not grow per version."""

@@ -6,6 +6,10 @@ the event loop. Its progress callback may be called from those threads and only 
 latest line to the loop, which edits one status message at most every few seconds
 (Telegram's flood limits). A promoted version is loaded through
 :class:`~bot.models.ModelSwitch` (load first, then activate) and answers without a restart.
+
+The status message is stored with the run (``train.runs.PROGRESS_MESSAGE``): if the bot is
+killed mid-run, the next start closes the run and edits that message to say so
+(:func:`report_interrupted`) instead of leaving it at its last step.
 """
 
 from __future__ import annotations
@@ -25,12 +29,14 @@ from telegram.ext import Application
 from bot.config import BotSettings
 from bot.formatting import format_metrics
 from bot.models import ModelSwitch
-from ffengine.db import Database
+from ffengine.db import Database, TrainingRun
 from ffengine.errors import FFError
+from train.runs import PROGRESS_MESSAGE
 
 log = logging.getLogger(__name__)
 EDIT_EVERY_S = 3.0
 STARTED = "🏋️ Retraining from the logged feedback…"
+INTERRUPTED = "⏹ Retraining interrupted at {progress:.0%}: the bot stopped before it finished. Nothing was changed; send /retrain to try again."
 
 Progress = Callable[[float, str], None]
 
@@ -137,6 +143,7 @@ class Retrainer:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def _run(self, chat_id: int, status: Message) -> None:
+        PROGRESS_MESSAGE.set({"chat_id": chat_id, "message_id": status.message_id})  # this task's context only
         progress = ProgressMessage(status)
         started = time.monotonic()
         text = "❌ Retraining stopped unexpectedly; see the log."  # a BaseException none of the below names
@@ -170,3 +177,15 @@ class Retrainer:
             return f"ℹ️ Trained {report.version} but kept {self.models.current.name}.{details}"
         model = await self.models.activate(self.db, report.version)
         return f"✅ Now answering with {model.name} ({len(model.index)} products).{details}"
+
+
+async def report_interrupted(app: Application, runs: list[TrainingRun]) -> None:
+    """Start-up: edit the status message of each run a killed bot left open (closed since) to say so."""
+    for run in runs:
+        where = run.progress_message or {}
+        if "chat_id" not in where or "message_id" not in where:
+            continue
+        try:
+            await app.bot.edit_message_text(INTERRUPTED.format(progress=run.progress), where["chat_id"], where["message_id"])
+        except TelegramError as exc:  # deleted, or too old to edit: the run is closed all the same
+            log.warning("could not mark training run %d interrupted in chat %s: %s", run.id, where["chat_id"], exc)

@@ -13,7 +13,7 @@ HELP = (
 HINT = "Send me a photo of clothing and I'll find similar products. /help explains more."
 STICKER = "Nice sticker! 😄 I can only search with real photos, though: send me a picture of clothing."
 NOT_IMAGE_FILE = "That file isn't an image I can search with. Please send a photo (JPEG or PNG) of clothing."
-TOO_LARGE = "That picture is too large for me to download ({limit} MB max). Please send a smaller photo or a screenshot."
+TOO_LARGE = "That picture is too large for me to download ({limit} MiB max). Please send a smaller photo or a screenshot."
 BAD_IMAGE = "Sorry, I couldn't use that picture: {reason}"
 DOWNLOAD_FAILED = "I couldn't download that picture from Telegram. Please try sending it again."
 ALBUM = "You sent several photos at once: I searched the first one. Send the others one at a time to search them too."
@@ -24,6 +24,7 @@ RESULTS = "Here are the closest matches. Rate each with 👍 or 👎 (it helps m
 APOLOGY = "Sorry, something went wrong on my side. Please try again in a minute."
 
 RATED = {1: "👍 Thanks, noted!", -1: "👎 Thanks, noted!"}
+NOT_SAVED = "⚠️ I couldn't save that just now. Please tap it again in a minute."
 NOT_YOURS = "These buttons belong to someone else's search."
 EXPIRED = "This button has expired. Send a new photo to search again."
 

@@ -2,7 +2,9 @@
 
 Telegram sends the secret given to ``setWebhook`` in ``X-Telegram-Bot-Api-Secret-Token``;
 anything without it is refused (403) before its body is read, so nobody but Telegram can
-inject updates. ``GET /healthz`` reports the model version and queue depth for probes.
+inject updates. A body that is not a Telegram update (not JSON, nested too deep to parse,
+the wrong shape) is refused with 400. ``GET /healthz`` reports the model version and queue
+depth for probes.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ class WebhookServer:
             return web.json_response({"ok": False, "error": "forbidden"}, status=403)
         try:
             data = await request.json()
-        except ValueError:  # includes JSONDecodeError and bad UTF-8
+        except (ValueError, RecursionError):  # bad JSON or UTF-8; nesting deeper than the parser's stack
             data = None
         update = None
         if isinstance(data, dict) and isinstance(data.get("update_id"), int):

@@ -47,6 +47,8 @@ from ffengine.errors import CatalogError, ImageRejected
 from ffengine.fetch import Fetcher, FetchError, FetchSettings, redact_url
 from ffengine.httpcache import HttpCache
 from ffengine.images import MAX_BYTES, load_image, read_image_bytes
+from ffengine.prior import describe as describe_priors
+from ffengine.prior import fit_priors
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,8 @@ IMAGE_FAULTS = {
     "not_image": "not an image",
     "truncated": "truncated image",
     "corrupt": "damaged image",
+    "not_a_file": "not a regular file (device, pipe or folder)",
+    "bad_shape": "image too long or too thin",
 }
 
 
@@ -94,6 +98,10 @@ class BuildReport:
     index_seconds: float = 0.0
     out_dir: Path | None = None
     catalog: Path | None = None
+    #: Products indexed with something dropped (a link a shopper could not open), with line numbers.
+    warnings: list[Problem] = field(default_factory=list)
+    #: What the category priors learned (classes, held-out accuracy); see :mod:`ffengine.prior`.
+    priors: dict[str, object] = field(default_factory=dict)
 
     def summary(self, max_problems: int = 10) -> str:
         """A few lines for a person: counts, speed, and the first skipped rows."""
@@ -101,20 +109,28 @@ class BuildReport:
             f"{self.products} products indexed ({self.embedded} embedded, {self.cached} from cache"
             + (f", {self.downloaded} downloaded" if self.downloaded else "")
             + (f", {self.revalidated} unchanged on the server" if self.revalidated else "")
-            + f"), {len(self.skipped)} skipped; {self.seconds:.1f} s, {self.images_per_s:.0f} images/s"
+            + f"), {len(self.skipped)} skipped"
+            + (f", {len(self.warnings)} with warnings" if self.warnings else "")
+            + f"; {self.seconds:.1f} s, {self.images_per_s:.0f} images/s"
         ]
         if self.out_dir is not None:
             lines.append(f"index written to {self.out_dir}")
+            lines.append(describe_priors(self.priors))
         for problem in self.skipped[:max_problems]:
             lines.append(f"  skipped {problem}")
         if len(self.skipped) > max_problems:
             lines.append(f"  ... and {len(self.skipped) - max_problems} more skipped")
+        for warning in self.warnings[:max_problems]:
+            lines.append(f"  warning {warning}")
+        if len(self.warnings) > max_problems:
+            lines.append(f"  ... and {len(self.warnings) - max_problems} more warnings")
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, object]:
         return {
             "products": self.products,
-            "skipped": [{"line": p.line, "product_id": p.product_id, "reason": p.reason} for p in self.skipped],
+            "skipped": [_problem_json(p) for p in self.skipped],
+            "warnings": [_problem_json(p) for p in self.warnings],
             "embedded": self.embedded,
             "cached": self.cached,
             "downloaded": self.downloaded,
@@ -128,6 +144,10 @@ class BuildReport:
             "out_dir": None if self.out_dir is None else str(self.out_dir),
             "catalog": None if self.catalog is None else str(self.catalog),
         }
+
+
+def _problem_json(problem: Problem) -> dict[str, object]:
+    return {"line": problem.line, "product_id": problem.product_id, "reason": problem.reason}
 
 
 @dataclass(frozen=True)
@@ -168,12 +188,16 @@ def build_index(
     )
     report = result.report
     index_started = time.perf_counter()
+    priors = fit_priors(result.features, [p.category for p in result.products], kind_head=getattr(embedder, "kind_head", None))
+    report.priors = priors.info if priors is not None else {}
     report.out_dir = write_index(
         out_dir,
         result.features,
         result.products,
         fingerprint=embedder.fingerprint,
         catalog_hash=report.catalog_hash,
+        priors=priors,
+        preprocess=embedder.preprocess.to_json(),
         **index_options,
     )
     report.index_seconds = time.perf_counter() - index_started
@@ -223,7 +247,9 @@ async def aembed_catalog(
 
     All file, decode and model work runs in worker threads: the event loop is never
     blocked, so this is safe to await inside the bot. ``workers`` sizes the decode
-    pool (default: the number of CPUs); ``fetch`` sets download limits.
+    pool (default: the number of CPUs); ``fetch`` sets download limits (default:
+    :meth:`FetchSettings.from_env`, which reads the hosts and networks
+    :data:`~ffengine.config.FETCH_ALLOW` opens).
     """
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
@@ -234,7 +260,7 @@ async def aembed_catalog(
         read = await asyncio.to_thread(read_catalog, catalog, limit=limit)
     cache = EmbeddingCache(cache_dir, embedder.fingerprint, embedder.dim) if cache_dir is not None else None
     http_cache = HttpCache.beside(cache_dir) if cache_dir is not None else None
-    fetch = fetch or FetchSettings()
+    fetch = fetch or FetchSettings.from_env()
     inline = _embeds_inline(embedder)
     workers = workers or (os.cpu_count() or 2) + (1 if inline else 0)  # inline: one spare for file reads
 
@@ -249,6 +275,8 @@ async def aembed_catalog(
 
     keep = [i for i in range(len(read.products)) if i not in run.failures]
     skipped = sorted(read.problems + list(run.failures.values()), key=lambda p: p.line)
+    kept_ids = {read.products[i].id for i in keep}
+    warnings = [w for w in read.warnings if w.product_id in kept_ids]
     if not keep:
         raise CatalogError(no_usable_product(read.path, skipped))
     products = [read.products[i] for i in keep]
@@ -269,6 +297,7 @@ async def aembed_catalog(
         downloaded=run.downloaded,
         revalidated=run.revalidated,
         catalog=read.path,
+        warnings=warnings,
     )
     return EmbeddedCatalog(features, products, hashes, report)
 
@@ -287,7 +316,13 @@ def _truncate(read: CatalogReadResult, limit: int) -> CatalogReadResult:
     if limit >= len(read.products):
         return read
     last = read.lines[limit - 1] if limit > 0 else 0
-    return CatalogReadResult(read.products[:limit], [p for p in read.problems if p.line < last], read.lines[:limit], read.path)
+    return CatalogReadResult(
+        read.products[:limit],
+        [p for p in read.problems if p.line < last],
+        read.lines[:limit],
+        read.path,
+        [w for w in read.warnings if w.line <= last],
+    )
 
 
 class _Run:

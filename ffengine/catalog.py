@@ -7,24 +7,34 @@ and reason) and the rest imports. Only a file that cannot be read at all, or one
 with no usable product, is a :class:`~ffengine.errors.CatalogError`.
 
 Columns (CSV header or JSON keys; case-insensitive, spaces and dashes read as ``_``):
-``id, title, url, image`` are required; ``price, currency, category, colour``
+``id, title, url, image`` are required columns (a row whose ``url`` is blank or unusable is kept
+without a link); ``price, currency, category, colour``
 (or ``color``), ``gender`` are optional; anything else lands in ``Product.extra``.
 ``image`` is an http(s) URL or a local path relative to the catalogue file.
+
+A catalogue comes from outside, so what it points at is checked here, once for every entry
+point: a local image must lie, after links are followed, in the catalogue's folder or a folder
+that :data:`~ffengine.config.IMAGE_ROOTS` names (else any file on the machine could be indexed
+and sent to shoppers as a product photo), and a product ``url`` that cannot be a link button
+(:func:`link_problem`) is dropped with a warning, keeping the product.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import math
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from ffengine.config import IMAGE_ROOTS, env_image_roots
 from ffengine.errors import CatalogError
 
 #: Catalogue formats by file extension.
@@ -34,8 +44,13 @@ OPTIONAL = ("price", "currency", "category", "colour", "gender")
 ALIASES = {"color": "colour"}
 #: Longest accepted product id (ids travel in logs, URLs and the database).
 MAX_ID_LENGTH = 200
+#: Longest product link kept; Telegram refuses long button URLs, and one bad button fails the whole keyboard.
+MAX_URL_LENGTH = 1000
+#: Host suffixes reserved for local and private networks: never a shopper's link.
+LOCAL_SUFFIXES = ("localhost", "local", "internal", "home.arpa")
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_SPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f]")
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
 #: Lone surrogates are what ``errors="surrogateescape"`` makes of bytes that are not UTF-8.
 _NOT_UTF8 = re.compile(r"[\udc80-\udcff]")
@@ -45,13 +60,15 @@ _NOT_UTF8 = re.compile(r"[\udc80-\udcff]")
 class Product:
     """One catalogue item as the engine, the index and the bot see it.
 
-    ``image`` is an absolute local path or an http(s) URL (resolved at import);
-    ``extra`` holds the catalogue's other columns (e.g. ``sub_category``) as text.
+    ``image`` is an http(s) URL or a local path, resolved at import (links followed) and
+    checked to lie under the allowed folders; ``url`` is the product's page, ``None`` when
+    the catalogue gave none a shopper could open; ``extra`` holds the catalogue's other
+    columns (e.g. ``sub_category``) as text.
     """
 
     id: str
     title: str
-    url: str
+    url: str | None
     image: str
     price: float | None = None
     currency: str | None = None
@@ -86,10 +103,10 @@ class Product:
         if not isinstance(data, Mapping):
             raise ValueError(f"a product must be a JSON object, got {type(data).__name__}")
         try:
-            strings = {name: data[name] for name in REQUIRED}
+            strings = {name: data[name] for name in REQUIRED if name != "url"}
         except KeyError as exc:
             raise ValueError(f"product JSON lacks {exc.args[0]!r}: {_preview(data)}") from None
-        optional = {name: data.get(name) for name in ("currency", "category", "colour", "gender")}
+        optional = {name: data.get(name) for name in ("url", "currency", "category", "colour", "gender")}
         price = data.get("price")
         extra = data.get("extra") or {}
         bad = [k for k, v in strings.items() if not isinstance(v, str) or not v]
@@ -110,7 +127,8 @@ class Product:
 
 @dataclass(frozen=True)
 class Problem:
-    """Why one row (``line`` in the file, 1-based) or its image was skipped."""
+    """Why one row (``line`` in the file, 1-based) or its image was skipped, or (a warning)
+    what was dropped from a row that was kept."""
 
     line: int
     product_id: str | None
@@ -123,16 +141,22 @@ class Problem:
 
 @dataclass(frozen=True)
 class CatalogReadResult:
-    """Usable products in file order, the file line of each, and the rows that were skipped."""
+    """Usable products in file order, the file line of each, the rows that were skipped,
+    and ``warnings`` about kept rows (a link that was dropped)."""
 
     products: list[Product]
     problems: list[Problem]
     lines: list[int]
     path: Path
+    warnings: list[Problem] = field(default_factory=list)
 
 
 class RowError(ValueError):
     """A row cannot become a product; ``reason`` says why (internal to the reader)."""
+
+
+class UnsafeImagePath(PermissionError):
+    """A local product photo whose path now leads elsewhere than when its catalogue was read."""
 
 
 def is_http_url(value: str) -> bool:
@@ -141,17 +165,83 @@ def is_http_url(value: str) -> bool:
     return parts.scheme in ("http", "https") and bool(parts.netloc)
 
 
+def is_public_address(address: IPv4Address | IPv6Address) -> bool:
+    """Whether ``address`` is public unicast: not loopback, private, link-local, multicast,
+    reserved or unspecified. An IPv6 address that carries an IPv4 one (IPv4-mapped, 6to4)
+    is judged by that IPv4 address, which is where it leads."""
+    if isinstance(address, IPv6Address):
+        embedded = address.ipv4_mapped or address.sixtofour
+        if embedded is not None:
+            return is_public_address(embedded)
+    return address.is_global and not (address.is_multicast or address.is_reserved or address.is_link_local or address.is_loopback)
+
+
+def link_problem(url: str | None) -> str | None:
+    """Why ``url`` cannot be a shopper's link, or ``None`` when it can.
+
+    A link must be http(s), short, and lead to a public-looking host (a dotted name outside
+    the local suffixes, or a public address): Telegram refuses other link buttons, and one
+    refused button fails the whole rating keyboard.
+    """
+    if not url:
+        return "no url"
+    if len(url) > MAX_URL_LENGTH:
+        return f"url is longer than {MAX_URL_LENGTH} characters"
+    if _SPACE_OR_CONTROL.search(url):
+        return "url contains spaces or control characters"
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        return f"url must be an http(s) link, got {url[:80]!r}"
+    try:
+        host = (parts.hostname or "").rstrip(".")
+        _ = parts.port  # raises on a malformed port
+    except ValueError:
+        return f"url has a malformed host or port: {url[:80]!r}"
+    try:
+        public = is_public_address(ip_address(host))
+    except ValueError:  # a name
+        public = "." in host and not (host in LOCAL_SUFFIXES or host.endswith(tuple(f".{s}" for s in LOCAL_SUFFIXES)))
+    return None if public else f"url host {host!r} is not a public address"
+
+
+def is_linkable_url(url: str | None) -> bool:
+    """Whether ``url`` can be a link button for a shopper (see :func:`link_problem`)."""
+    return link_problem(url) is None
+
+
+def local_image_path(image: str) -> Path:
+    """``image`` (a local :attr:`Product.image`) as a path, if it still resolves to itself.
+
+    The reader stores each local image fully resolved, after checking that it lies under the
+    allowed folders. A stored path that now resolves elsewhere had a link swapped in since (or
+    comes from an index built before that check): following it could hand any file on the machine
+    to a shopper, so :class:`UnsafeImagePath` is raised instead.
+    """
+    path = Path(image)
+    try:
+        unchanged = path.resolve() == path
+    except (OSError, RuntimeError, ValueError):  # a link loop, a NUL byte
+        unchanged = False
+    if not unchanged:
+        raise UnsafeImagePath(errno.EACCES, "the path now leads elsewhere than when the catalogue was read; import it again", image)
+    return path
+
+
 def normalise_key(key: str) -> str:
     """``"Sub Category"`` -> ``"sub_category"``; ``"Color"`` -> ``"colour"``."""
     name = re.sub(r"[\s\-]+", "_", key.strip().lower())
     return ALIASES.get(name, name)
 
 
-def read_catalog(path: str | os.PathLike[str], *, limit: int | None = None) -> CatalogReadResult:
+def read_catalog(
+    path: str | os.PathLike[str], *, limit: int | None = None, image_roots: Sequence[str | os.PathLike[str]] | None = None
+) -> CatalogReadResult:
     """Read and validate a ``.csv`` / ``.jsonl`` catalogue; stop after ``limit`` usable products.
 
-    Raises :class:`CatalogError` when the file is missing, of unknown format, has no
-    header / required columns, or yields no usable product.
+    Local images must lie in the catalogue's folder or one of ``image_roots`` (default:
+    :data:`~ffengine.config.IMAGE_ROOTS` from the environment; :class:`ConfigError` when it names
+    something that is not a folder). Raises :class:`CatalogError` when the file is missing, of
+    unknown format, has no header / required columns, or yields no usable product.
     """
     path = Path(path)
     kind = FORMATS.get(path.suffix.lower())
@@ -168,18 +258,20 @@ def read_catalog(path: str | os.PathLike[str], *, limit: int | None = None) -> C
         raise CatalogError(f"{path}: cannot read the catalogue ({exc.strerror})") from None
     text = raw.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
     rows = _csv_rows(text, path) if kind == "csv" else _jsonl_rows(text)
-    base = Path(os.path.abspath(path.parent))
+    extra_roots = env_image_roots() if image_roots is None else tuple(Path(r).resolve() for r in image_roots)
+    roots = (path.parent.resolve(), *extra_roots)
 
     products: list[Product] = []
     lines: list[int] = []
     problems: list[Problem] = []
+    warnings: list[Problem] = []
     first_line: dict[str, int] = {}
     for line, row in rows:
         if isinstance(row, RowError):
             problems.append(Problem(line, None, str(row)))
             continue
         try:
-            product = product_from_row(row, base)
+            product, notes = product_from_row(row, roots)
         except RowError as exc:
             problems.append(Problem(line, _row_id(row), str(exc)))
             continue
@@ -189,11 +281,12 @@ def read_catalog(path: str | os.PathLike[str], *, limit: int | None = None) -> C
         first_line[product.id] = line
         products.append(product)
         lines.append(line)
+        warnings.extend(Problem(line, product.id, note) for note in notes)
         if limit is not None and len(products) >= limit:
             break
     if not products:
         raise CatalogError(no_usable_product(path, problems))
-    return CatalogReadResult(products, problems, lines, path)
+    return CatalogReadResult(products, problems, lines, path, warnings)
 
 
 def no_usable_product(path: Path, problems: list[Problem]) -> str:
@@ -267,8 +360,12 @@ def _jsonl_rows(text: str) -> Iterator[tuple[int, dict[str, object] | RowError]]
             yield number, row
 
 
-def product_from_row(row: Mapping[str, object], base: Path) -> Product:
-    """Validate one row (normalised keys) into a :class:`Product`; raise :class:`RowError`."""
+def product_from_row(row: Mapping[str, object], roots: Sequence[Path]) -> tuple[Product, list[str]]:
+    """Validate one row (normalised keys) into a :class:`Product`; raise :class:`RowError`.
+
+    ``roots`` are the resolved folders local images may lie in, the catalogue's own first
+    (relative paths start there). Also returns notes on what was dropped from the product.
+    """
     if any(isinstance(v, str) and _NOT_UTF8.search(v) for v in row.values()):
         raise RowError("row is not UTF-8 text; save the file as UTF-8")
     pid = _text(row, "id")
@@ -280,10 +377,10 @@ def product_from_row(row: Mapping[str, object], base: Path) -> Product:
     if title is None:
         raise RowError("missing title")
     url = _text(row, "url")
-    if url is None:
-        raise RowError("missing url")
-    if not is_http_url(url):
-        raise RowError(f"url must be an http(s) link, got {url[:80]!r}")
+    notes = []
+    if (unlinkable := link_problem(url)) is not None:
+        notes.append(f"{unlinkable}; imported without a link")
+        url = None
     image = _text(row, "image")
     if image is None:
         raise RowError("missing image")
@@ -293,11 +390,11 @@ def product_from_row(row: Mapping[str, object], base: Path) -> Product:
         if not _CURRENCY.match(currency):
             raise RowError(f"currency must be a 3-letter code such as EUR, got {currency[:20]!r}")
     extra = {k: v for k, v in ((k, _text(row, k)) for k in row if k not in REQUIRED and k not in OPTIONAL) if v is not None}
-    return Product(
+    product = Product(
         id=pid,
         title=title,
         url=url,
-        image=_resolve_image(image, base),
+        image=_resolve_image(image, roots),
         price=_price(row.get("price")),
         currency=currency,
         category=_text(row, "category"),
@@ -305,6 +402,7 @@ def product_from_row(row: Mapping[str, object], base: Path) -> Product:
         gender=_text(row, "gender"),
         extra=extra,
     )
+    return product, notes
 
 
 def _text(row: Mapping[str, object], key: str) -> str | None:
@@ -333,14 +431,21 @@ def _price(value: object) -> float | None:
     return price
 
 
-def _resolve_image(value: str, base: Path) -> str:
-    """http(s) URLs stay; anything else is a local path, made absolute against the catalogue folder."""
+def _resolve_image(value: str, roots: Sequence[Path]) -> str:
+    """http(s) URLs stay; anything else is a local path, resolved against the catalogue folder
+    (``roots[0]``) with links followed, and refused unless it lies under one of ``roots``."""
     if is_http_url(value):
         return value
     scheme = urlsplit(value).scheme
     if "://" in value or (scheme and len(scheme) > 1):
         raise RowError(f"image must be an http(s) URL or a local path, got {value[:80]!r}")
-    return os.path.abspath(base / value)
+    try:
+        path = (roots[0] / value).resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # a link loop, a NUL byte
+        raise RowError(f"image path {value[:80]!r} cannot be resolved ({exc})") from None
+    if not any(path.is_relative_to(root) for root in roots):
+        raise RowError(f"image {value[:80]!r} leads outside the catalogue folder ({str(path)[:120]}); to allow it, add its folder to {IMAGE_ROOTS}")
+    return str(path)
 
 
 def _row_id(row: Mapping[str, object]) -> str | None:

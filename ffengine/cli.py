@@ -118,12 +118,13 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         good = list(images)
         feats = recommender.embedder.embed([images[p] for p in good]) if good else None
         results = dict(zip(good, recommender.recommend_features(feats, args.k, filters), strict=True)) if good else {}
+        classes = dict(zip(good, recommender.photo_classes(feats), strict=True)) if good else {}
         for photo in chunk:
             if photo in errors:
                 report_error(photo, errors[photo], args.json)
             else:
                 worked += 1
-                report_results(photo, results[photo], args.json)
+                report_results(photo, results[photo], args.json, classes[photo])
             if args.sheet:
                 sheet_rows.append(SheetRow(images.get(photo), Path(photo).name, results.get(photo, ()), errors.get(photo)))
     if args.sheet and sheet_rows:
@@ -132,7 +133,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     return 0 if worked else 1
 
 
-def report_results(photo: str, recs: Sequence, as_json: bool) -> None:
+def report_results(photo: str, recs: Sequence, as_json: bool, classes: dict[str, list[dict[str, object]]]) -> None:
+    """One photo's results; ``classes`` (``{"category": [{"name", "p"}, ...], "kind": [...]}``) are what the priors saw."""
     if as_json:
         results = [
             {
@@ -146,9 +148,10 @@ def report_results(photo: str, recs: Sequence, as_json: bool) -> None:
             }
             for r in recs
         ]
-        print(json.dumps({"photo": photo, "results": results}, ensure_ascii=False), flush=True)
+        print(json.dumps({"photo": photo, **{f"{name}_guess": top for name, top in classes.items()}, "results": results}, ensure_ascii=False), flush=True)
         return
-    print(photo)
+    guesses = "; ".join(f"{name}: " + ", ".join(f"{c['name']} {c['p']:.0%}" for c in top) for name, top in classes.items())
+    print(f"{photo}" + (f"  ({guesses})" if guesses else ""))
     for r in recs:
         print(f"  {r.rank}. {r.product.title} [{r.product.category or '-'}]  distance {r.distance:.3f}  {r.product.url}")
 

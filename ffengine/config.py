@@ -7,14 +7,21 @@ agrees on names and defaults. Command-line flags override what is read here.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 
 from ffengine.errors import ConfigError
 
 DEFAULT_WEIGHTS = "IMAGENET1K_V2"
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+#: Folders besides the catalogue's own that local product photos may live in (``os.pathsep``-separated).
+IMAGE_ROOTS = "FFENGINE_IMAGE_ROOTS"
+#: Hosts and networks the importer may download from although they are not public (comma-separated).
+FETCH_ALLOW = "FFENGINE_FETCH_ALLOW"
+_HOSTNAME = re.compile(r"(?=.{1,253}$)[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*")
 
 
 def load_dotenv_file(path: str | os.PathLike[str] = ".env") -> None:
@@ -55,6 +62,62 @@ def env_float(env: Mapping[str, str], name: str, default: float, *, minimum: flo
     return float(_env_number(env, name, default, float, "a number", minimum))
 
 
+def normalise_host(host: str) -> str:
+    """``"Images.LAN."`` -> ``"images.lan"``: how host names are compared."""
+    return host.strip().rstrip(".").lower()
+
+
+@dataclass(frozen=True)
+class FetchAllow:
+    """What :data:`FETCH_ALLOW` opens: host names trusted whatever they resolve to, and networks.
+
+    Everything else that is not a public address is refused by :mod:`ffengine.fetch`
+    (a catalogue must not make the importer fetch from the machine or its LAN).
+    """
+
+    hosts: frozenset[str] = frozenset()
+    networks: tuple[IPv4Network | IPv6Network, ...] = ()
+
+    @classmethod
+    def parse(cls, value: str, setting: str = FETCH_ALLOW) -> FetchAllow:
+        """``"images.lan, 10.0.0.0/8, 127.0.0.1"`` (a bare address is a one-address network)."""
+        hosts: set[str] = set()
+        networks: list[IPv4Network | IPv6Network] = []
+        for entry in (e.strip() for e in value.split(",")):
+            if not entry:
+                continue
+            try:
+                networks.append(ip_network(entry))
+                continue
+            except ValueError as exc:
+                problem = str(exc)
+            host = normalise_host(entry)
+            if "/" in entry or ":" in entry or not _HOSTNAME.fullmatch(host) or host.replace(".", "").isdigit():
+                raise ConfigError(f"{setting}: {entry!r} is neither a host name nor a network such as 10.0.0.0/8 ({problem})")
+            hosts.add(host)
+        return cls(frozenset(hosts), tuple(networks))
+
+
+def env_fetch_allow(env: Mapping[str, str] | None = None) -> FetchAllow:
+    """:data:`FETCH_ALLOW` from ``env`` (default: the process environment); unset allows nothing extra."""
+    env = os.environ if env is None else env
+    return FetchAllow.parse(env_str(env, FETCH_ALLOW) or "")
+
+
+def env_image_roots(env: Mapping[str, str] | None = None) -> tuple[Path, ...]:
+    """:data:`IMAGE_ROOTS` from ``env`` (default: the process environment), each an existing folder, resolved."""
+    env = os.environ if env is None else env
+    roots = []
+    for entry in (e.strip() for e in (env_str(env, IMAGE_ROOTS) or "").split(os.pathsep)):
+        if not entry:
+            continue
+        root = Path(entry).expanduser()
+        if not root.is_dir():
+            raise ConfigError(f"{IMAGE_ROOTS}: {entry!r} is not a folder (separate several with {os.pathsep!r})")
+        roots.append(root.resolve())
+    return tuple(roots)
+
+
 def check_device(device: str, setting: str = "FFENGINE_DEVICE") -> str:
     """Accept ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
     base = device.split(":", 1)[0]
@@ -90,6 +153,10 @@ class EngineSettings:
     catalog: Path | None = None
     #: What computes features on CPU: ``auto`` (OpenVINO, else ONNX Runtime, else PyTorch), or one of them.
     runtime: str = "auto"
+    #: Read here so that a malformed value stops start-up; the catalogue reader and the importer
+    #: read the same variables themselves when not handed them (:func:`env_image_roots`, :func:`env_fetch_allow`).
+    image_roots: tuple[Path, ...] = ()
+    fetch_allow: FetchAllow = FetchAllow()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> EngineSettings:
@@ -104,6 +171,8 @@ class EngineSettings:
             data_dir=data_dir,
             catalog=Path(catalog) if catalog else None,
             runtime=check_runtime(env_str(env, "FFENGINE_RUNTIME", "auto")),  # type: ignore[arg-type]
+            image_roots=env_image_roots(env),
+            fetch_allow=env_fetch_allow(env),
         )
 
     @property

@@ -24,7 +24,7 @@ from PIL import Image
 from ffengine import runtime_onnx, runtime_openvino
 from ffengine.config import DEFAULT_WEIGHTS, check_device
 from ffengine.errors import ConfigError
-from ffengine.images import square_crop
+from ffengine.images import network_input
 from ffengine.runtime_torch import FeatureNet, TorchRunner, build_features
 from ffengine.weights import Preprocess, ResolvedWeights, resolve_weights
 
@@ -98,6 +98,7 @@ class Embedder:
         self.preprocess = resolved.preprocess if resolved else (preprocess or Preprocess())
         self.fingerprint = resolved.fingerprint if resolved else "random-init"
         self.source = resolved.source if resolved else "random-init"
+        self.kind_head = resolved.kind_head if resolved else None
         features = build_features(resolved.state_dict if resolved else None)
         self._net = FeatureNet(features, self.preprocess).to(self.device)
         self._lock = threading.Lock()
@@ -132,10 +133,10 @@ class Embedder:
 
     def prepare(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Pictures -> ``(n, S, S, 3)`` uint8 network input (no model work; any thread)."""
-        size = self.preprocess.input_size
-        out = np.empty((len(images), size, size, 3), dtype=np.uint8)
+        prep = self.preprocess
+        out = np.empty((len(images), prep.input_size, prep.input_size, 3), dtype=np.uint8)
         for i, img in enumerate(images):
-            out[i] = square_crop(img, self.preprocess.resize, size)
+            out[i] = network_input(img, prep.fit, prep.resize, prep.input_size)
         return out
 
     @property

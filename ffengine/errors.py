@@ -18,8 +18,10 @@ class ConfigError(FFError):
 class ImageRejected(FFError):
     """An input is not a usable image (not an image, truncated, too big, a bomb).
 
-    ``reason`` is a short machine-readable kind (``not_image``, ``truncated``,
-    ``too_large``, ``too_many_pixels``, ``empty``) for logs and metrics.
+    ``reason`` is a short machine-readable kind for logs and metrics: ``not_image``,
+    ``truncated``, ``corrupt``, ``empty``, ``too_large`` (bytes), ``too_many_pixels`` (area),
+    ``bad_shape`` (a side too long, or too thin), ``not_found``, ``not_a_file`` (a folder,
+    device, pipe or socket), ``unreadable``.
     """
 
     def __init__(self, message: str, reason: str) -> None:

@@ -3,67 +3,131 @@
 Shoppers send anything: screenshots with alpha, CMYK JPEGs, rotated phone photos,
 GIFs, 16-bit scans, truncated uploads, decompression bombs. Everything funnels through
 :func:`load_image` so that the rest of the engine only ever sees RGB ``PIL.Image``;
-:func:`square_crop` then turns a picture into the network's fixed-size input.
+:func:`network_input` then turns a picture into the network's fixed-size input.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import stat
 import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from ffengine.errors import ImageRejected
 
-#: Largest encoded file accepted (bytes). Telegram's own download limit is 20 MB.
-MAX_BYTES = 20 * 1024 * 1024
+#: One mebibyte. Every byte limit is a whole number of MiB and every message prints MiB (:func:`format_mib`).
+MIB = 1024 * 1024
+#: Largest encoded file accepted (bytes): Telegram's own download limit, 20 MiB.
+MAX_BYTES = 20 * MIB
 #: Largest decoded picture accepted (pixels): a 50 MP photo is fine, a 1 GP bomb is not.
 MAX_PIXELS = 50_000_000
+#: Longest side accepted (pixels). Pillow pays for every row on its own (pointers, decoder state),
+#: so a 1 x 40,000,000 strip passes the pixel limit yet costs far more than a photo.
+MAX_SIDE = 12_000
+#: Longest side at most this many times the shorter: nothing this thin is a photo of clothing.
+MAX_ASPECT = 20
 #: Decode JPEGs at reduced size when they are much bigger than this (long side, pixels).
 DRAFT_SIDE = 512
+#: Other formats cannot decode at reduced size; beyond this many pixels (more than a phone
+#: photo) they are shrunk right after decoding, so later copies are of a small picture.
+REDUCE_PIXELS = 16_000_000
+#: Pixels shrunk at a time by :func:`_reduce`: copies of this size are all it adds.
+BAND_PIXELS = 1_000_000
+#: Modes whose pixels can be averaged as they are (palette indices and bit-packed or 16-bit
+#: greyscale cannot: those become RGB first).
+REDUCIBLE_MODES = ("L", "LA", "RGB", "RGBA", "RGBX", "CMYK", "I", "F")
 #: Formats we decode. Others (EPS runs Ghostscript, PSD, ICO, FITS, ...) are refused
 #: unopened: they are not what a phone sends and each extra parser is attack surface.
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
+#: Bytes asked of the kernel per read of a file.
+READ_CHUNK = MIB
 
 ImageSource = bytes | bytearray | memoryview | str | os.PathLike[str]
+
+
+def mib(size: int) -> str:
+    """``size`` bytes as a number of MiB for a message: ``"20"``, ``"0.3"``.
+
+    Limits are set in binary units; printing them as decimal megabytes made the same limit read
+    "21 MB" in the CLI and "20 MB" in the bot, so every message about bytes goes through here.
+    """
+    return f"{size / MIB:.1f}".removesuffix(".0")
+
+
+def format_mib(size: int) -> str:
+    """``size`` bytes with its unit for a message: ``"20 MiB"``."""
+    return f"{mib(size)} MiB"
 
 
 def read_image_bytes(source: ImageSource, max_bytes: int = MAX_BYTES) -> bytes:
     """The encoded bytes of ``source`` (bytes or a path), refused before decoding if missing, empty or too large.
 
     Public so that callers which need the raw bytes too (the index build hashes them for its
-    cache) apply exactly the same checks as :func:`load_image`; a path's size is checked
-    before the file is read, so a huge file is never loaded into memory.
-    Raises :class:`ImageRejected` (``not_found``, ``unreadable``, ``empty``, ``too_large``).
+    cache) apply exactly the same checks as :func:`load_image`. A path is read by
+    :func:`_read_regular_file`: regular files only, and never more than ``max_bytes + 1`` bytes.
+    Raises :class:`ImageRejected` (``not_found``, ``not_a_file``, ``unreadable``, ``empty``, ``too_large``).
     """
     if isinstance(source, (bytes, bytearray, memoryview)):
-        data = bytes(source)
-    else:
-        path = Path(source)
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            raise ImageRejected(f"File not found: {path}", "not_found") from None
-        except OSError as exc:
-            raise ImageRejected(f"Cannot read {path}: {exc.strerror}", "unreadable") from None
+        size = memoryview(source).nbytes
         if size > max_bytes:
             raise ImageRejected(_too_large(size, max_bytes), "too_large")
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise ImageRejected(f"Cannot read {path}: {exc.strerror}", "unreadable") from None
+        data = bytes(source)
+    else:
+        data = _read_regular_file(Path(source), max_bytes)
     if not data:
         raise ImageRejected("The file is empty.", "empty")
-    if len(data) > max_bytes:
-        raise ImageRejected(_too_large(len(data), max_bytes), "too_large")
     return data
 
 
-def _too_large(size: int, limit: int) -> str:
-    return f"The image is too large ({size / 1e6:.1f} MB); the limit is {limit / 1e6:.0f} MB."
+def _read_regular_file(path: Path, max_bytes: int) -> bytes:
+    """At most ``max_bytes`` bytes of the regular file at ``path``, else :class:`ImageRejected`.
+
+    The size a file reports cannot be trusted: it is 0 for ``/dev/zero``, pipes, sockets and
+    ``/proc`` files, and a file may grow while it is read. So only regular files are read, the
+    type is taken from the opened descriptor (nothing can be swapped in between a check and
+    the open), the open is non-blocking (a FIFO without a writer would otherwise wait forever),
+    and the read stops one byte past the limit whatever the reported size.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise ImageRejected(f"File not found: {path}", "not_found") from None
+    except IsADirectoryError:
+        raise ImageRejected(_not_a_file(stat.S_IFDIR), "not_a_file") from None
+    except OSError as exc:
+        raise ImageRejected(f"Cannot read {path}: {exc.strerror}", "unreadable") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageRejected(_not_a_file(info.st_mode), "not_a_file")
+        if info.st_size > max_bytes:
+            raise ImageRejected(_too_large(info.st_size, max_bytes), "too_large")
+        chunks: list[bytes] = []
+        left = max_bytes + 1
+        while left > 0 and (chunk := os.read(fd, min(left, READ_CHUNK))):
+            chunks.append(chunk)
+            left -= len(chunk)
+    except OSError as exc:
+        raise ImageRejected(f"Cannot read {path}: {exc.strerror}", "unreadable") from None
+    finally:
+        os.close(fd)
+    if left <= 0:
+        raise ImageRejected(_too_large(None, max_bytes), "too_large")
+    return b"".join(chunks)
+
+
+def _not_a_file(mode: int) -> str:
+    kinds = {stat.S_IFDIR: "a folder", stat.S_IFCHR: "a device", stat.S_IFBLK: "a device", stat.S_IFIFO: "a pipe", stat.S_IFSOCK: "a socket"}
+    return f"This is {kinds.get(stat.S_IFMT(mode), 'not a regular file')}, not an image file."
+
+
+def _too_large(size: int | None, limit: int) -> str:
+    got = f" ({format_mib(size)})" if size is not None else ""
+    return f"The image is too large{got}; the limit is {format_mib(limit)}."
 
 
 def load_image(
@@ -79,8 +143,9 @@ def load_image(
     transparency onto white (catalogue photos have white backgrounds).
     ``draft_side`` lets the JPEG decoder downscale by 2/4/8 while decoding (both sides
     stay at least ``draft_side``), which is several times faster for phone photos and
-    loses nothing at 224 px network input. The pixel limit is checked from the header,
-    before any pixel is decoded.
+    loses nothing at 224 px network input; other formats bigger than :data:`REDUCE_PIXELS`
+    are shrunk the same way right after decoding (:func:`_reduce`). The size limits
+    (pixels, sides, aspect) are checked from the header, before any pixel is decoded.
 
     Raises :class:`ImageRejected` with a user-readable message on bad input.
     """
@@ -89,18 +154,13 @@ def load_image(
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=FORMATS)
-            width, height = img.size
-            if width <= 0 or height <= 0:
-                raise ImageRejected("The image has no pixels.", "empty")
-            if width * height > max_pixels:
-                raise ImageRejected(
-                    f"The image is too big ({width}x{height} pixels); the limit is {max_pixels / 1e6:.0f} megapixels.",
-                    "too_many_pixels",
-                )
+            _check_size(*img.size, max_pixels)
             if draft_side and img.format in ("JPEG", "MPO"):
                 img.draft("RGB", (draft_side, draft_side))
             img.seek(0)
             img.load()
+            if draft_side:
+                img = _reduce(img, draft_side)
             ImageOps.exif_transpose(img, in_place=True)
             return _to_rgb(img)
     except ImageRejected:
@@ -112,6 +172,55 @@ def load_image(
     except Exception as exc:  # noqa: BLE001 - fuzzed files raise OSError, SyntaxError, struct.error, IndexError...
         kind = "truncated" if "truncated" in str(exc).lower() or isinstance(exc, EOFError) else "corrupt"
         raise ImageRejected("The image is damaged or incomplete; please send it again.", kind) from None
+
+
+def _check_size(width: int, height: int, max_pixels: int) -> None:
+    """Refuse, from the header's size alone, a picture too costly to decode.
+
+    The area bounds the pixel memory; the side and aspect bounds keep the row count (which
+    costs memory of its own in Pillow) near that of a photo.
+    """
+    shown = f"{width}x{height} pixels"
+    if width <= 0 or height <= 0:
+        raise ImageRejected("The image has no pixels.", "empty")
+    if width * height > max_pixels:
+        raise ImageRejected(f"The image is too big ({shown}); the limit is {max_pixels / 1e6:.0f} megapixels.", "too_many_pixels")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise ImageRejected(
+            f"The image is too long and thin ({shown}); one side may be at most {MAX_ASPECT} times the other.", "bad_shape"
+        )
+    if max(width, height) > MAX_SIDE:
+        raise ImageRejected(f"The image is too big ({shown}); each side may be at most {MAX_SIDE} pixels.", "bad_shape")
+
+
+def _reduce(img: Image.Image, draft_side: int) -> Image.Image:
+    """A picture bigger than :data:`REDUCE_PIXELS` shrunk by a whole factor, both sides kept at least ``draft_side``.
+
+    What JPEG's draft mode does while decoding, done after decoding for formats that cannot:
+    the orientation fix, the conversion to RGB and the network's resize then copy a small
+    picture instead of a huge one. Pictures up to phone size are returned untouched. It works
+    band by band (Pillow's own reduce copies a whole RGBA picture to premultiply it), and the
+    EXIF orientation is carried over explicitly: TIFF keeps it in tags that a copy lacks.
+    """
+    factor = min(img.size) // draft_side
+    if factor < 2 or img.width * img.height <= REDUCE_PIXELS:
+        return img
+    orientation = img.getexif().get(ExifTags.Base.Orientation)
+    width, height = img.size
+    rows = factor * max(1, BAND_PIXELS // (width * factor))
+    reduced: Image.Image | None = None
+    for top in range(0, height, rows):
+        band = img.crop((0, top, width, min(top + rows, height)))
+        small = (band if band.mode in REDUCIBLE_MODES else _to_rgb(band)).reduce(factor)
+        if reduced is None:
+            reduced = Image.new(small.mode, (-(-width // factor), -(-height // factor)))
+        reduced.paste(small, (0, top // factor))
+    assert reduced is not None  # height > 0: checked from the header
+    if orientation:
+        exif = Image.Exif()
+        exif[ExifTags.Base.Orientation] = orientation
+        reduced.info["exif"] = exif.tobytes()
+    return reduced
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -167,3 +276,24 @@ def square_crop(img: Image.Image, resize: int, size: int) -> np.ndarray:
     box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
     out = img.resize((size, size), Image.Resampling.BILINEAR, box=box, reducing_gap=3.0)
     return np.asarray(out, dtype=np.uint8)
+
+
+def whole_picture(img: Image.Image, size: int) -> np.ndarray:
+    """The whole picture resampled to ``size`` x ``size`` (aspect not kept), as HWC uint8.
+
+    Product shots are portrait and shoppers' photos any shape: a centre crop cuts the hem off a
+    dress so that it looks like a top, while squashing keeps every garment whole at a fixed input
+    size (so the compiled runtimes and batching are unchanged). Antialiased like :func:`square_crop`.
+    """
+    if img.mode != "RGB":
+        img = _to_rgb(img)
+    return np.asarray(img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0), dtype=np.uint8)
+
+
+def network_input(img: Image.Image, fit: str, resize: int, size: int) -> np.ndarray:
+    """A picture as the network sees it: ``fit="whole"`` (:func:`whole_picture`) or ``"crop"`` (the study's)."""
+    if fit == "whole":
+        return whole_picture(img, size)
+    if fit == "crop":
+        return square_crop(img, resize, size)
+    raise ValueError(f"fit must be 'whole' or 'crop', got {fit!r}")

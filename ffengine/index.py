@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -40,11 +41,14 @@ import numpy as np
 
 from ffengine.catalog import Product
 from ffengine.errors import FFError, IndexLoadError
+from ffengine.prior import Priors
 
 log = logging.getLogger(__name__)
 
 FORMAT = "ffengine-index"
-VERSION = 1
+#: ``ffengine.weights.fingerprint``: weights hash, then preprocessing hash.
+FINGERPRINT = re.compile(r"[0-9a-f]{16}-[0-9a-f]{8}")
+VERSION = 2
 ARRAY_FILES = ("features.npy", "vectors.npy", "projection_mean.npy", "projection_matrix.npy")
 PRODUCTS_FILE = "products.jsonl"
 MANIFEST_FILE = "manifest.json"
@@ -434,6 +438,7 @@ class Index:
         vectors: np.ndarray | None = None,
         path: Path | None = None,
         options: dict[str, Any] | None = None,
+        priors: Priors | None = None,
     ) -> None:
         self.features = as_features(features, projection.in_dim, "catalogue features")
         if len(self.features) != len(products):
@@ -450,6 +455,9 @@ class Index:
         self.path = path
         self.manifest = manifest or {}
         self.searcher = make_searcher(backend, self.vectors, self.options, self.sq_norms)
+        if priors is not None and len(priors.product_group) != len(self.products):
+            raise ValueError(f"priors cover {len(priors.product_group)} products, the index holds {len(self.products)}")
+        self.priors = priors
 
     def __len__(self) -> int:
         return len(self.products)
@@ -525,9 +533,14 @@ def write_index(
     catalog_hash: str,
     backend: str = DEFAULT_BACKEND,
     projection: Projection | Reduction | None = None,
+    priors: Priors | None = None,
+    preprocess: dict[str, Any] | None = None,
     **options: Any,
 ) -> Path:
     """Write an index directory atomically and return its path.
+
+    ``priors`` (:func:`ffengine.prior.fit_priors`) are stored beside the vectors; ``preprocess``
+    (the model's, as JSON) is recorded so that an index made with other preprocessing is named as such.
 
     ``projection`` is a fitted :class:`Projection`, a :class:`Reduction` to fit on
     ``features``, or ``None`` for :data:`DEFAULT_REDUCTION`. ``options`` are backend
@@ -561,6 +574,7 @@ def write_index(
             "vectors.npy": vectors,
             "projection_mean.npy": proj.mean,
             "projection_matrix.npy": proj.matrix,
+            **(priors.arrays() if priors is not None else {}),
         }
         for name, arr in arrays.items():
             write_durable(tmp / name, lambda fh, a=arr: np.save(fh, a, allow_pickle=False))
@@ -581,9 +595,12 @@ def write_index(
                 "recipe": asdict(recipe) if isinstance(recipe, Reduction) else None,
             },
             "catalog_hash": catalog_hash,
+            "preprocess": preprocess,
+            "priors": priors.to_json() if priors is not None else None,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "files": {name: sha256_file(tmp / name) for name in (*ARRAY_FILES, PRODUCTS_FILE)},
+            "files": {name: sha256_file(tmp / name) for name in (*arrays, PRODUCTS_FILE)},
         }
+        manifest["checksum"] = manifest_checksum(manifest)
         write_durable(tmp / MANIFEST_FILE, lambda fh: fh.write(json.dumps(manifest, indent=2, sort_keys=True).encode()))
         fsync_dir(tmp)
         swap_in(tmp, out)
@@ -622,11 +639,13 @@ def swap_in(tmp: Path, out: Path) -> None:
     """Replace ``out`` by ``tmp``: ``out -> out.old``, ``tmp -> out``, then drop ``out.old``.
 
     A crash between the two renames leaves ``out.old`` complete; :func:`load_index` falls back to it.
+    A leftover ``out.old`` is only deleted while a live ``out`` exists: when a crash left ``out.old``
+    alone, it is the last good copy and stays until the new index is in place.
     """
     old = old_path(out)
-    if old.exists():
-        shutil.rmtree(old)
     if out.exists():
+        if old.exists():
+            shutil.rmtree(old)
         os.replace(out, old)
     os.replace(tmp, out)
     fsync_dir(out.parent)
@@ -649,12 +668,10 @@ def load_index(path: Path, expect_fingerprint: str | None = None) -> Index:
     manifest = read_manifest(path)
     fingerprint = manifest["fingerprint"]
     if expect_fingerprint is not None and fingerprint != expect_fingerprint:
-        raise IndexLoadError(
-            f"Index {path} was built by another model (fingerprint {fingerprint}, the loaded model is {expect_fingerprint}). "
-            "Rebuild it with the same weights (`ffengine index build --weights ...`) or use the index made for these weights."
-        )
+        raise IndexLoadError(model_mismatch(str(path), fingerprint, manifest.get("preprocess"), expect_fingerprint))
     files = manifest["files"]
-    for name in (*ARRAY_FILES, PRODUCTS_FILE):
+    prior_files = Priors.file_names(manifest["priors"]) if manifest.get("priors") else []
+    for name in (*ARRAY_FILES, *prior_files, PRODUCTS_FILE):
         file = path / name
         if not file.is_file():
             raise IndexLoadError(f"Index {path} is incomplete: {name} is missing. Rebuild it with `ffengine index build`.")
@@ -677,6 +694,7 @@ def load_index(path: Path, expect_fingerprint: str | None = None) -> Index:
             bool(proj_meta["normalize_input"]),
             bool(proj_meta["normalize_output"]),
         )
+        priors = Priors.from_files(manifest["priors"], lambda name: read_array(path / name), n) if prior_files else None
         return Index(
             arrays["features.npy"],
             products,
@@ -687,9 +705,32 @@ def load_index(path: Path, expect_fingerprint: str | None = None) -> Index:
             vectors=arrays["vectors.npy"],
             path=path,
             options=manifest.get("options") or {},
+            priors=priors,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise IndexLoadError(f"Index {path} is corrupt: {exc}") from None
+
+
+def manifest_checksum(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON without its own ``checksum``: an edited option is caught
+    like an edited file (the file hashes alone leave ``options`` and ``projection`` unguarded)."""
+    body = {key: value for key, value in manifest.items() if key != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def model_mismatch(where: str, index_fingerprint: str, index_preprocess: Any, model_fingerprint: str) -> str:
+    """Why an index and a model do not go together, and what to do (fingerprint = weights hash + preprocessing)."""
+    same_weights = [FINGERPRINT.fullmatch(f) for f in (index_fingerprint, model_fingerprint)]
+    if all(same_weights) and index_fingerprint[:16] == model_fingerprint[:16]:
+        fit = index_preprocess.get("fit", "crop") if isinstance(index_preprocess, dict) else "crop"
+        return (
+            f"Index {where} was built by these weights with other preprocessing (fit={fit!r}; fingerprint {index_fingerprint}, "
+            f"the loaded model is {model_fingerprint}). Its features cannot be mixed with this model's: rebuild it with `ffengine index build`."
+        )
+    return (
+        f"Index {where} was built by another model (fingerprint {index_fingerprint}, the loaded model is {model_fingerprint}). "
+        "Rebuild it with the same weights (`ffengine index build --weights ...`) or use the index made for these weights."
+    )
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
@@ -702,6 +743,8 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise IndexLoadError(f"{path} is not an ffengine index ({MANIFEST_FILE} has no format {FORMAT!r}).")
     if manifest.get("version") != VERSION:
         raise IndexLoadError(f"Index {path} has format version {manifest.get('version')!r}; this program reads version {VERSION}. Rebuild it.")
+    if manifest.get("checksum") != manifest_checksum(manifest):
+        raise IndexLoadError(f"Index {path} is corrupt: {MANIFEST_FILE} was changed after it was written (checksum mismatch). Rebuild it.")
     required = {"fingerprint": str, "dim": int, "vector_dim": int, "count": int, "backend": str, "projection": dict, "files": dict}
     for key, kind in required.items():
         if not isinstance(manifest.get(key), kind):

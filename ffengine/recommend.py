@@ -18,7 +18,7 @@ from PIL import Image
 from ffengine.catalog import Product
 from ffengine.errors import IndexLoadError
 from ffengine.images import ImageSource, load_image
-from ffengine.index import Index, as_features
+from ffengine.index import Index, as_features, model_mismatch
 
 if TYPE_CHECKING:  # torch is only needed once a photo is embedded
     from ffengine.embedder import Embedder
@@ -85,15 +85,13 @@ class Recommender:
 
     def __init__(self, embedder: Embedder, index: Index) -> None:
         if embedder.fingerprint != index.fingerprint:
-            where = index.path or "the index"
-            raise IndexLoadError(
-                f"{where} was built by another model (fingerprint {index.fingerprint}) than the loaded weights "
-                f"({embedder.fingerprint}); rebuild it with these weights or load the weights it was built with."
-            )
+            where = str(index.path or "(in memory)")
+            raise IndexLoadError(model_mismatch(where, index.fingerprint, index.manifest.get("preprocess"), embedder.fingerprint))
         if embedder.dim != index.dim:
             raise IndexLoadError(f"the index holds {index.dim}-d features but the model makes {embedder.dim}-d ones")
         self.embedder = embedder
         self.index = index
+        self._group_rows = index.priors.group_rows() if index.priors is not None else []
         self._masks: dict[tuple[tuple[str, frozenset[str]], ...], np.ndarray] = {}
 
     def recommend(self, image: Image.Image | ImageSource, k: int = 5, filters: Filters | None = None) -> list[Recommendation]:
@@ -114,6 +112,9 @@ class Recommender:
         plan = SearchPlan.make(len(self.index), allowed, k)
         if plan.limit == 0:
             return [[] for _ in feats]
+        if self.index.priors is not None:
+            bonus = self.index.priors.bonus(feats)  # (m, G)
+            return [self.ranked(q, b, k, plan) for q, b in zip(feats, bonus, strict=True)]
         dist, idx = self.candidates(feats, plan.fetch, plan)  # one batched search for every query
         out = []
         for i, q in enumerate(feats):
@@ -124,6 +125,57 @@ class Recommender:
                 picked = self.collapse(d[0], ix[0], k, plan.mask)
             out.append(picked)
         return out
+
+    def photo_classes(self, feats: np.ndarray, k: int = 3) -> list[dict[str, list[dict[str, object]]]]:
+        """Each photo's most likely categories (and garment kinds), with probabilities; ``{}`` without priors."""
+        priors = self.index.priors
+        return priors.top_classes(as_features(feats, self.index.dim, "query features"), k) if priors else [{} for _ in feats]
+
+    def ranked(self, q: np.ndarray, bonus: np.ndarray, k: int, plan: SearchPlan) -> list[Recommendation]:
+        """Up to ``k`` products by similarity plus their group's prior bonus, duplicates collapsed."""
+        allowed = plan.mask if plan.rows is None else self._rows_mask(plan.rows)
+        fetch = plan.fetch
+        while True:
+            dist, idx = self.prior_candidates(q, bonus, fetch, allowed)
+            picked = self.collapse(dist, idx, k, None)
+            if len(picked) >= k or fetch >= plan.limit:
+                return picked
+            fetch = min(fetch * 4, plan.limit)
+
+    def prior_candidates(self, q: np.ndarray, bonus: np.ndarray, fetch: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """The ``fetch`` best rows by ``-d^2/2 + bonus[group]``, as ``(ranking distance (c,), rows (c,))``, best first.
+
+        Groups are searched exactly, highest bonus first, and the walk stops once even the most
+        similar product in the catalogue could not enter the ``fetch`` best from the next group.
+        The ranking distance is ``d^2/2 - bonus``: for L2-normalised vectors, cosine distance minus the bonus.
+        """
+        d0, _ = self.index.search(q[None, :], 1)
+        best_sim = -0.5 * float(d0[0, 0]) ** 2  # the most similar product overall: no group can do better
+        rows_found: list[np.ndarray] = []
+        scores_found: list[np.ndarray] = []
+        threshold = -np.inf
+        for g in np.argsort(-bonus, kind="stable"):
+            if best_sim + bonus[g] < threshold:
+                break  # groups come in falling bonus order: none after this one can make it either
+            rows = self._group_rows[g] if allowed is None else self._group_rows[g][allowed[self._group_rows[g]]]
+            if len(rows) == 0:
+                continue
+            d, ix = self.index.search_rows(q[None, :], rows, fetch)
+            rows_found.append(ix[0])
+            scores_found.append(-0.5 * d[0].astype(np.float64) ** 2 + float(bonus[g]))
+            found = np.concatenate(scores_found)
+            if len(found) >= fetch:
+                threshold = float(np.partition(found, len(found) - fetch)[len(found) - fetch])
+        if not rows_found:
+            return np.zeros(0, np.float32), np.zeros(0, np.int64)
+        scores, rows = np.concatenate(scores_found), np.concatenate(rows_found)
+        order = np.lexsort((rows, -scores))[:fetch]
+        return (-scores[order]).astype(np.float32), rows[order]
+
+    def _rows_mask(self, rows: np.ndarray) -> np.ndarray:
+        mask = np.zeros(len(self.index), bool)
+        mask[rows] = True
+        return mask
 
     def candidates(self, feats: np.ndarray, fetch: int, plan: SearchPlan) -> tuple[np.ndarray, np.ndarray]:
         """``fetch`` nearest rows per query, ordered by (distance, row) so duplicates resolve the same way every time."""

@@ -27,21 +27,33 @@ from pathlib import Path
 import torch
 
 from ffengine.errors import WeightsError
+from ffengine.prior import LinearHead
 
 SETTING = "FFENGINE_WEIGHTS"
 
 
+#: How pictures are fitted to the network's square input (:func:`ffengine.images.network_input`).
+FITS = ("whole", "crop")
+#: What the engine feeds when a sidecar does not say: the whole picture (the study's crop cuts garments).
+DEFAULT_FIT = "whole"
+
+
 @dataclass(frozen=True)
 class Preprocess:
-    """How a picture becomes the network's input: resize shorter side, centre crop, normalise."""
+    """How a picture becomes the network's input: fitted to ``input_size`` (``fit``), then normalised.
+
+    ``resize`` is the shorter side before the centre crop, used by ``fit="crop"`` only. The whole
+    record is part of the model fingerprint, so features made one way are never mixed with another's.
+    """
 
     input_size: int = 224
     resize: int = 256
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    fit: str = DEFAULT_FIT
 
     def to_json(self) -> dict[str, object]:
-        return {"input_size": self.input_size, "resize": self.resize, "mean": list(self.mean), "std": list(self.std)}
+        return {"input_size": self.input_size, "resize": self.resize, "mean": list(self.mean), "std": list(self.std), "fit": self.fit}
 
     @classmethod
     def from_json(cls, data: dict[str, object], where: str) -> Preprocess:
@@ -50,12 +62,13 @@ class Preprocess:
             std = tuple(float(v) for v in data["std"])  # type: ignore[union-attr]
             size = int(data.get("input_size", 224))  # type: ignore[arg-type]
             resize = int(data.get("resize", round(size * 256 / 224)))  # type: ignore[arg-type]
+            fit = str(data.get("fit", DEFAULT_FIT))
         except (KeyError, TypeError, ValueError) as exc:
             raise WeightsError(f"{where}: sidecar needs numeric 'mean', 'std' (3 values each) and 'input_size' ({exc})") from None
         finite = all(math.isfinite(v) for v in (*mean, *std))
-        if len(mean) != 3 or len(std) != 3 or not finite or min(std) <= 0 or not 32 <= size <= resize <= 2048:
-            raise WeightsError(f"{where}: sidecar preprocessing is out of range: {data}")
-        return cls(input_size=size, resize=resize, mean=mean, std=std)  # type: ignore[arg-type]
+        if len(mean) != 3 or len(std) != 3 or not finite or min(std) <= 0 or not 32 <= size <= resize <= 2048 or fit not in FITS:
+            raise WeightsError(f"{where}: sidecar preprocessing is out of range (fit is one of {', '.join(FITS)}): {data}")
+        return cls(input_size=size, resize=resize, mean=mean, std=std, fit=fit)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -66,6 +79,8 @@ class ResolvedWeights:
     state_dict: dict[str, torch.Tensor]
     preprocess: Preprocess
     fingerprint: str
+    #: The garment-kind head that ``train finetune`` ships with its weights (see :mod:`train.kinds`).
+    kind_head: LinearHead | None = None
 
 
 def sidecar_path(weights_file: Path) -> Path:
@@ -154,7 +169,35 @@ def load_file(path: Path) -> ResolvedWeights:
         raw = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many kinds for bad files
         raise WeightsError(f"{where}: cannot load weights ({type(exc).__name__}: {str(exc)[:200]})") from None
-    return ResolvedWeights(str(path), feature_tensors(raw, where), preprocess, fingerprint(digest, preprocess))
+    feats = feature_tensors(raw, where)
+    head = read_kind_head(raw, meta.get("kind_head"), where)
+    return ResolvedWeights(str(path), feats, preprocess, fingerprint(features_digest(feats), preprocess), head)
+
+
+def features_digest(feats: dict[str, torch.Tensor]) -> str:
+    """sha256 of the ``features.*`` tensors (names and values): what the embeddings depend on.
+
+    Not the file's hash: a file that adds only a head (``train finetune``'s kind head) makes the same
+    features, so it shares the embedding cache and the indexes of the backbone it came from.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(feats):
+        tensor = feats[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.numpy().tobytes() if tensor.dtype != torch.bfloat16 else tensor.float().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def read_kind_head(state_dict: object, meta: object, where: str) -> LinearHead | None:
+    """The ``kind_head.*`` tensors that the sidecar's ``kind_head`` entry declares, if any."""
+    if meta is None:
+        return None
+    try:
+        classes = tuple(str(c) for c in meta["classes"])  # type: ignore[index]
+        weight, bias = state_dict["kind_head.weight"], state_dict["kind_head.bias"]  # type: ignore[index]
+        return LinearHead(classes, weight.float().numpy().T, bias.float().numpy())
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise WeightsError(f"{where}: the sidecar declares a kind_head but the file's kind_head tensors do not fit it ({exc})") from None
 
 
 def load_torchvision(name: str) -> ResolvedWeights:
@@ -191,13 +234,23 @@ def resolve_weights(spec: str) -> ResolvedWeights:
     return load_torchvision(spec)
 
 
-def save_weights(state_dict: dict[str, torch.Tensor], path: Path, preprocess: Preprocess, **meta: object) -> Path:
+def save_weights(
+    state_dict: dict[str, torch.Tensor], path: Path, preprocess: Preprocess, *, kind_head: LinearHead | None = None, **meta: object
+) -> Path:
     """Write a weights file and its sidecar (the format :func:`load_file` reads), each atomically.
 
     The sidecar records the file's sha256; :func:`load_file` refuses a file that does not match.
     ``meta`` (e.g. ``base=``, ``epochs=``) is stored too but cannot override the preprocessing.
+    ``kind_head`` goes into the file as ``kind_head.weight`` / ``kind_head.bias``, its classes into the sidecar.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
+    if kind_head is not None:
+        state_dict = {
+            **state_dict,
+            "kind_head.weight": torch.from_numpy(kind_head.weight.T.copy()),
+            "kind_head.bias": torch.from_numpy(kind_head.bias.copy()),
+        }
+        meta = {**meta, "kind_head": {"classes": list(kind_head.classes)}}
     buf = io.BytesIO()
     torch.save(state_dict, buf)
     data = buf.getvalue()

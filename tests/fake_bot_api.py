@@ -6,7 +6,8 @@ exercised. Tests play the users (``user_sends_*``, ``user_presses_button``), rea
 (:attr:`FakeBotAPI.calls`, :meth:`FakeBotAPI.messages_to`) and inject faults (:meth:`FakeBotAPI.fail_next`).
 
 The fake is strict where the real API is strict and bots commonly break: unknown chats, blocked users,
-text/caption length, inline keyboards (``callback_data`` <= 64 bytes), HTML / MarkdownV2 entity
+text/caption length, inline keyboards (``callback_data`` <= 64 bytes; link buttons only to public
+http(s) hosts, not localhost / internal names / private addresses / very long URLs), HTML / MarkdownV2 entity
 parsing, "message is not modified" on identical edits, double-answered callback queries, unknown
 ``file_id`` values, undecodable photo uploads, media groups of 2..10 items and ``getFile`` on files
 over 20 MB. Error texts copy the real ones where known; a few are close approximations.
@@ -45,6 +46,7 @@ MAX_PHOTO_UPLOAD_BYTES = 10 * 1024 * 1024
 MAX_TEXT = 4096
 MAX_CAPTION = 1024
 MAX_CALLBACK_DATA_BYTES = 64
+MAX_BUTTON_URL = 2048  # an approximation: Telegram refuses very long button URLs but documents no limit
 MAX_LONG_POLL_S = 50.0
 MAX_DECODE_PIXELS = 40_000_000
 PHOTO_SIDES = (90, 320)  # the two downscaled PhotoSize entries; the third is the upload itself
@@ -161,6 +163,21 @@ def _is_loopback(host: str | None) -> bool:
         return ipaddress.ip_address(host or "").is_loopback
     except ValueError:
         return False
+
+
+def _check_button_url(url: str) -> None:
+    """Telegram's checks on an inline button's ``url``: http(s) or tg:, and a public host."""
+    if not re.match(r"(https?|tg)://[^\s]+$", url):
+        raise bad_request(f"inline keyboard button URL '{url}' is invalid: Wrong HTTP URL")
+    if url.startswith("tg://"):
+        return
+    host = (urlsplit(url).hostname or "").rstrip(".")
+    try:
+        internal = not ipaddress.ip_address(host).is_global
+    except ValueError:
+        internal = "." not in host or host.endswith((".localhost", ".local", ".internal"))
+    if internal or len(url) > MAX_BUTTON_URL:
+        raise bad_request("BUTTON_URL_INVALID")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1159,9 +1176,8 @@ class FakeBotAPI:
             data = button.get("callback_data")
             if data is not None and not 1 <= len(str(data).encode()) <= MAX_CALLBACK_DATA_BYTES:
                 raise bad_request("BUTTON_DATA_INVALID")
-            url = button.get("url")
-            if url is not None and not re.match(r"(https?|tg)://[^\s]+$", str(url)):
-                raise bad_request(f"inline keyboard button URL '{url}' is invalid: Wrong HTTP URL")
+            if button.get("url") is not None:
+                _check_button_url(str(button["url"]))
         return {"inline_keyboard": rows}
 
     def _editable(self, p: JSON) -> JSON | None:

@@ -616,6 +616,95 @@ async def test_stale_photo_file_ids_are_replaced(shop: Running) -> None:
     assert {fresh[p] for p in shown} == {m["photo"][-1]["file_id"] for m in shop.fake.messages_to(131) if "photo" in m}
 
 
+#: Product pages Telegram refuses as link buttons; the long one would also make a caption too long.
+REFUSED_LINKS = ("https://shop.example/" + "x" * 3000, "http://localhost:8080/p", "http://10.0.0.1/p", "http://intranet/p")
+
+
+def refused_link(product: Any) -> Any:
+    """Half the products get the long link, the others the rest: any five shown include both kinds."""
+    n = int(product.id[1:])
+    return dataclasses.replace(product, url=REFUSED_LINKS[0 if n % 2 == 0 else 1 + n // 2 % 3])
+
+
+def write_variant(engine_files: EngineFiles, out: Path, change: Callable[[Any], Any]) -> Path:
+    """The small index again, each product changed by ``change`` (an index as an older import could have written it)."""
+    from ffengine.index import Index, write_index
+
+    small = Index.load(engine_files.small_index)
+    write_index(out, small.features, [change(p) for p in small.products], fingerprint=small.fingerprint, catalog_hash=out.name)
+    return out
+
+
+async def switched_to(shop: Running, engine_files: EngineFiles, name: str, index: Path) -> None:
+    await shop.svc.db.create_model_version(name, str(engine_files.weights), str(index))
+    await shop.svc.models.activate(shop.svc.db, name)
+
+
+async def test_product_links_telegram_refuses_still_leave_a_working_rating_keyboard(
+    shop: Running, engine_files: EngineFiles, tmp_path: Path
+) -> None:
+    from telegram import InlineKeyboardButton, InlineKeyboardMarkup
+    from telegram.error import BadRequest
+
+    index = write_variant(engine_files, tmp_path / "bad-links", refused_link)
+    await switched_to(shop, engine_files, "bad-links", index)
+    try:
+        uid = 160
+        keyboard = await shop.search(uid, make_image(62))
+        rows = buttons(keyboard)
+        assert len(rows) == 5 and all([b["text"] for b in row] == [f"{rank} 👍", f"{rank} 👎"] for rank, row in enumerate(rows, 1))
+        album = [m for m in shop.fake.messages_to(uid) if "photo" in m]
+        assert len(album) == 5 and not any(REFUSED_LINKS[0] in m["caption"] for m in album)  # too long for a caption
+        await shop.press(uid, keyboard, rows[0][0]["callback_data"])
+        assert shop.rows("SELECT value FROM feedback WHERE recommendation_id=?", int(rows[0][0]["callback_data"].split(":")[1])) == [(1,)]
+        for link in REFUSED_LINKS:  # the fake refuses each of these links as Telegram does
+            with pytest.raises(BadRequest, match="(?i)button_url_invalid"):
+                await shop.app.bot.send_message(uid, "x", reply_markup=InlineKeyboardMarkup([[InlineKeyboardButton("a", url=link)]]))
+    finally:
+        await shop.svc.models.activate(shop.svc.db, "base")
+
+
+async def test_a_link_telegram_refuses_anyway_costs_only_the_link_buttons(shop: Running, caplog: pytest.LogCaptureFixture) -> None:
+    uid = 161
+    caplog.set_level(logging.WARNING, logger="bot.handlers.search")
+    shop.fake.fail_next("sendMessage", status=400, description="Bad Request: BUTTON_URL_INVALID")  # the keyboard message
+    keyboard = await shop.search(uid, make_image(63))
+    assert [c.status for c in shop.fake.calls_of("sendMessage", chat_id=uid)] == [400, 200]
+    rows = buttons(keyboard)
+    assert len(rows) == 5 and all(len(row) == 2 for row in rows)  # the rating buttons, without the links
+    await shop.press(uid, keyboard, rows[1][1]["callback_data"])
+    assert shop.rows("SELECT value FROM feedback WHERE recommendation_id=?", int(rows[1][1]["callback_data"].split(":")[1])) == [(-1,)]
+    await shop.fake.wait_for(lambda f: [b["text"] for b in buttons(f.message(uid, keyboard["message_id"]))[1]] == ["2 👍", "✅2 👎"])
+    assert any("rating keyboard refused" in r.getMessage() and "button_url_invalid" in r.getMessage().lower() for r in caplog.records)
+
+
+async def test_a_photo_path_swapped_for_a_link_after_import_is_never_uploaded(shop: Running, engine_files: EngineFiles, tmp_path: Path) -> None:
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes(make_image(999))  # a picture, so only the path check can keep it from the shopper
+    photos = (tmp_path / "photos").resolve()
+    photos.mkdir()
+
+    def copied(product: Any) -> Any:
+        path = photos / f"{product.id}.jpg"
+        path.write_bytes(Path(product.image).read_bytes())
+        return dataclasses.replace(product, image=str(path))
+
+    index = write_variant(engine_files, tmp_path / "swapped", copied)
+    for photo in photos.iterdir():  # after the import: every photo now leads to another file
+        photo.unlink()
+        photo.symlink_to(secret)
+    await switched_to(shop, engine_files, "swapped", index)
+    try:
+        uid = 162
+        keyboard = await shop.search(uid, make_image(64))
+        assert len(buttons(keyboard)) == 5
+        uploads = [m for c in shop.fake.calls_of("sendMediaGroup") + shop.fake.calls_of("sendPhoto") for m in c.media if m.kind == "upload"]
+        assert secret.read_bytes() not in {m.data for m in uploads}
+        assert any(t.startswith("1. Product ") for t in shop.texts_to(uid))  # the products came as text instead
+    finally:
+        await shop.svc.models.activate(shop.svc.db, "base")
+
+
 async def test_a_user_who_blocked_the_bot_costs_nothing(shop: Running, caplog: pytest.LogCaptureFixture) -> None:
     uid = 135
     caplog.set_level(logging.INFO, logger="bot.handlers.errors")

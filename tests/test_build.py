@@ -227,7 +227,7 @@ def test_remote_images_good_404_slow_text_big_and_flaky(tmp_path: Path, random_e
         3: f"download failed (HTTP 404 Not Found): {u('/missing/b.jpg')}",
         4: f"download failed (no complete answer within 0.5 s): {u('/slow/b.jpg')}",
         5: f"not an image: {u('/text/b.jpg')}",
-        6: f"download failed (image too large (0.3 MB; the limit is 0.2 MB)): {u('/big/b.jpg')}",
+        6: f"download failed (image too large (0.3 MiB; the limit is 0.2 MiB)): {u('/big/b.jpg')}",
         9: f"download failed (HTTP 404 Not Found): {u('/missing/c.jpg')}?...",
     }
     assert image_server.hits["/flaky/b.jpg"] == 2
@@ -357,7 +357,10 @@ def catalog_subset(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 @pytest.mark.shared
-def test_real_catalogue_subset_with_random_embedder(catalog_subset: Path, random_embedder: Embedder, tmp_path: Path) -> None:
+def test_real_catalogue_subset_with_random_embedder(catalog_subset: Path, random_embedder: Embedder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.conftest import shared_path
+
+    monkeypatch.setenv("FFENGINE_IMAGE_ROOTS", str(shared_path("datasets", "catalog-10k", "images")))  # the photos are not copied
     result = embed_catalog(catalog_subset, random_embedder, cache_dir=tmp_path / "cache", progress=False, batch_size=16)
     assert result.report.products == 48 and result.report.skipped == []
     assert np.isfinite(result.features).all() and result.features.std() > 0
@@ -408,3 +411,43 @@ def test_inline_and_batched_embedding_agree(tmp_path: Path, random_embedder: Emb
     again = embed_catalog(cat, random_embedder, cache_dir=tmp_path / "c1", progress=False)  # inline results were cached
     assert (again.report.embedded, again.report.cached) == (0, 9)
     np.testing.assert_array_equal(again.features, inline.features)
+
+
+def test_photos_outside_the_allowed_folders_and_refused_downloads_are_skipped_and_bad_links_warned(
+    tmp_path: Path, random_embedder: Embedder, image_server: ImageServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shop = tmp_path / "shop"
+    make_shop(shop, 2)
+    (tmp_path / "private").mkdir()
+    (tmp_path / "private" / "id.jpg").write_bytes(make_image(seed=77))  # an image, so only the path check stops it
+    (shop / "images" / "link.jpg").symlink_to(tmp_path / "private" / "id.jpg")
+    loopback = image_server.url("/good/build-refused.jpg")
+    rows = [
+        row("p0", "images/0.jpg"),  # line 2
+        row("abs", str(tmp_path / "private" / "id.jpg")),  # 3
+        row("up", "../private/id.jpg"),  # 4
+        row("link", "images/link.jpg"),  # 5
+        row("loop", loopback),  # 6: the importer's own machine
+        {**row("nolink", "images/1.jpg"), "url": "http://localhost:8080/p"},  # 7: kept, without its link
+    ]
+    cat = write_catalog(shop / "products.csv", rows)
+    monkeypatch.delenv("FFENGINE_IMAGE_ROOTS", raising=False)
+    monkeypatch.delenv("FFENGINE_FETCH_ALLOW", raising=False)
+
+    report = build_index(cat, tmp_path / "index", random_embedder, progress=False)
+
+    assert report.products == 2 and report.downloaded == 0 and image_server.hits["/good/build-refused.jpg"] == 0
+    reasons = {p.line: p.reason for p in report.skipped}
+    assert sorted(reasons) == [3, 4, 5, 6]
+    assert all("leads outside the catalogue folder" in reasons[line] and "FFENGINE_IMAGE_ROOTS" in reasons[line] for line in (3, 4, 5))
+    assert reasons[6].startswith("download failed (refused to download from 127.0.0.1") and "FFENGINE_FETCH_ALLOW" in reasons[6]
+    assert [(w.line, w.product_id) for w in report.warnings] == [(7, "nolink")]
+    assert "2 products indexed (2 embedded, 0 from cache), 4 skipped, 1 with warnings" in report.summary()
+    assert "warning line 7 (id nolink): url host 'localhost' is not a public address; imported without a link" in report.summary()
+    assert report.to_json()["warnings"] == [{"line": 7, "product_id": "nolink", "reason": report.warnings[0].reason}]
+
+    # The settings open a folder and the shop's own image server; the build reads them from the environment.
+    monkeypatch.setenv("FFENGINE_IMAGE_ROOTS", str(tmp_path / "private"))
+    monkeypatch.setenv("FFENGINE_FETCH_ALLOW", "127.0.0.1/32")
+    opened = build_index(cat, tmp_path / "index", random_embedder, progress=False)
+    assert (opened.products, opened.downloaded, opened.skipped) == (6, 1, [])

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from ffengine.catalog import Problem, Product, read_catalog
-from ffengine.errors import CatalogError
+from ffengine.catalog import Problem, Product, UnsafeImagePath, is_linkable_url, link_problem, local_image_path, read_catalog
+from ffengine.errors import CatalogError, ConfigError
 
 HEADER = "id,title,url,image,price,currency,category,Color,gender,sub_category\n"
 
@@ -36,7 +36,7 @@ def test_csv_fields_relative_paths_aliases_and_extra(tmp_path: Path) -> None:
         + "p2,Blue jeans,https://shop.example/p2,https://cdn.example/p2.jpg,,,Jeans,,Men,\n"
         + "p3,Hat,https://shop.example/p3,/abs/hat.png, 7 ,,,,,\n",
     )
-    read = read_catalog(cat)
+    read = read_catalog(cat, image_roots=["/abs"])  # an absolute path is fine under an allowed root
     assert read.problems == []
     assert read.lines == [2, 3, 4]
     p1, p2, p3 = read.products
@@ -61,7 +61,7 @@ def test_csv_fields_relative_paths_aliases_and_extra(tmp_path: Path) -> None:
 def test_the_catalogue_folder_not_the_working_directory_anchors_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cat = write(tmp_path / "a" / "b.csv", "id,title,url,image\nx,X,https://s.example/x,../img/x.jpg\n")
     monkeypatch.chdir(tmp_path / "a")
-    [product] = read_catalog("b.csv").products
+    [product] = read_catalog("b.csv", image_roots=[tmp_path]).products
     assert product.image == str(tmp_path / "img" / "x.jpg")
 
 
@@ -103,9 +103,11 @@ def test_broken_csv_rows_are_reported_by_line_and_the_rest_imports(tmp_path: Pat
         "ok3,Short row,https://s.example/15,o.jpg\n",  # 18: trailing optional columns may be left out
     )
     read = read_catalog(cat)
-    assert [p.id for p in read.products] == ["ok1", "ok2", "ok3"]
-    assert read.lines == [2, 14, 18]
-    assert read.products[1].title == "Multi\nline title" and read.products[1].currency == "USD"
+    assert [p.id for p in read.products] == ["ok1", "n9", "ok2", "ok3"]
+    assert read.lines == [2, 10, 14, 18]
+    assert read.products[2].title == "Multi\nline title" and read.products[2].currency == "USD"
+    assert read.products[1].url is None  # kept, without the link
+    assert [str(w) for w in read.warnings] == ["line 10 (id n9): url must be an http(s) link, got 'javascript:alert(1)'; imported without a link"]
     problems = by_line(read.problems)
     expected = {
         3: (None, "missing id"),
@@ -115,7 +117,6 @@ def test_broken_csv_rows_are_reported_by_line_and_the_rest_imports(tmp_path: Pat
         7: ("n6", "must be a finite number >= 0"),
         8: ("n7", "must be a finite number >= 0"),
         9: ("n8", "currency must be a 3-letter code"),
-        10: ("n9", "url must be an http(s) link"),
         11: ("n10", "image must be an http(s) URL or a local path"),
         12: ("ok1", "duplicate id (first seen on line 2)"),
         13: (None, "row has 8 fields but the header has 6"),
@@ -220,3 +221,78 @@ def test_real_catalog_10k_reads_cleanly(shared: Callable[..., Path]) -> None:
     assert first.category and first.gender and first.colour
     assert set(first.extra) == {"sub_category", "master_category", "season", "usage", "year"}
     assert all(Path(p.image).is_file() for p in read.products[:50])
+
+
+def test_local_images_must_stay_in_the_catalogue_folder_or_an_allowed_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shop, secret = tmp_path / "shop", tmp_path / "secret"
+    write(shop / "images" / "ok.jpg", b"jpeg")
+    write(secret / "key.jpg", b"not for shoppers")
+    (shop / "images" / "link.jpg").symlink_to(secret / "key.jpg")
+    (shop / "images" / "dir").symlink_to(secret)
+    (shop / "images" / "inside.jpg").symlink_to(shop / "images" / "ok.jpg")
+    rows = ["images/ok.jpg", str(secret / "key.jpg"), "../secret/key.jpg", "images/../../secret/key.jpg",
+            "images/link.jpg", "images/dir/key.jpg", "/etc/passwd", "images/inside.jpg"]  # fmt: skip
+    cat = write(shop / "p.csv", "id,title,url,image\n" + "".join(f"p{i},T,https://s.example/{i},{r}\n" for i, r in enumerate(rows)))
+    monkeypatch.delenv("FFENGINE_IMAGE_ROOTS", raising=False)
+
+    read = read_catalog(cat)
+    assert [(p.id, p.image) for p in read.products] == [("p0", str(shop / "images" / "ok.jpg")), ("p7", str(shop / "images" / "ok.jpg"))]
+    problems = by_line(read.problems)
+    assert sorted(problems) == [3, 4, 5, 6, 7, 8]
+    assert all("leads outside the catalogue folder" in p.reason and "FFENGINE_IMAGE_ROOTS" in p.reason for p in problems.values())
+    assert str(secret / "key.jpg") in problems[6].reason  # where the link leads, for the admin
+
+    monkeypatch.setenv("FFENGINE_IMAGE_ROOTS", f"{secret}{os.pathsep}{tmp_path / 'elsewhere-unused'}")
+    with pytest.raises(ConfigError, match="FFENGINE_IMAGE_ROOTS: .*elsewhere-unused.* is not a folder"):
+        read_catalog(cat)
+    monkeypatch.setenv("FFENGINE_IMAGE_ROOTS", str(secret))  # the setting opens a folder
+    opened = read_catalog(cat)
+    assert [p.id for p in opened.products] == ["p0", "p1", "p2", "p3", "p4", "p5", "p7"]
+    assert {p.image for p in opened.products[1:6]} == {str(secret / "key.jpg")}  # stored resolved
+    assert [p.line for p in opened.problems] == [8]
+
+
+def test_a_stored_photo_path_is_refused_once_a_link_is_swapped_in(tmp_path: Path) -> None:
+    write(tmp_path / "shop" / "images" / "a.jpg", b"jpeg")
+    write(tmp_path / "secret.txt", b"token")
+    [product] = read_catalog(write(tmp_path / "shop" / "p.csv", "id,title,url,image\na,A,https://s.example/a,images/a.jpg\n")).products
+    assert local_image_path(product.image) == Path(product.image)
+    Path(product.image).unlink()
+    Path(product.image).symlink_to(tmp_path / "secret.txt")  # after import: the photo now points elsewhere
+    with pytest.raises(UnsafeImagePath, match="leads elsewhere"):
+        local_image_path(product.image)
+
+
+BAD_LINKS = {
+    "http://localhost:8080/p": "url host 'localhost' is not a public address",
+    "https://shop.example/" + "x" * 3000: "url is longer than 1000 characters",
+    "http://10.0.0.1/p": "url host '10.0.0.1' is not a public address",
+    "http://[::ffff:127.0.0.1]/p": "url host '::ffff:127.0.0.1' is not a public address",
+    "http://intranet/p": "url host 'intranet' is not a public address",
+    "https://printer.local/p": "url host 'printer.local' is not a public address",
+    "https://shop.example/a b": "url contains spaces or control characters",
+    "https://shop.example:99999/p": "url has a malformed host or port",
+    "ftp://shop.example/p": "url must be an http(s) link",
+    "": "no url",
+}
+
+
+def test_product_links_a_shopper_cannot_open_are_dropped_with_a_warning_and_the_product_kept(tmp_path: Path) -> None:
+    rows = [{"id": f"b{i}", "title": "T", "url": url, "image": "a.jpg"} for i, url in enumerate(BAD_LINKS)]
+    rows.append({"id": "good", "title": "T", "url": "https://shop.example/p?a=1", "image": "a.jpg"})
+    read = read_catalog(write(tmp_path / "c.jsonl", "\n".join(json.dumps(r) for r in rows)))
+    assert read.problems == [] and len(read.products) == len(rows)
+    assert [p.url for p in read.products] == [None] * len(BAD_LINKS) + ["https://shop.example/p?a=1"]
+    assert [(w.line, w.product_id) for w in read.warnings] == [(i + 1, f"b{i}") for i in range(len(BAD_LINKS))]
+    for warning, reason in zip(read.warnings, BAD_LINKS.values(), strict=True):
+        assert warning.reason.startswith(reason) and warning.reason.endswith("; imported without a link"), warning
+    assert Product.from_json(json.loads(json.dumps(read.products[0].to_json()))) == read.products[0]  # no link survives the index
+
+
+@pytest.mark.parametrize(
+    ("url", "linkable"),
+    [(u, False) for u in BAD_LINKS] + [(None, False), ("https://shop.example/p", True), ("http://93.184.216.34/p", True), ("https://www.myntra.com/10000", True)],
+)
+def test_is_linkable_url(url: str | None, linkable: bool) -> None:
+    assert is_linkable_url(url) is linkable
+    assert (link_problem(url) is None) is linkable

@@ -90,6 +90,9 @@ def test_recommend_json_with_a_good_and_a_bad_photo_and_a_sheet(store: Path) -> 
     assert Path(first["image"]).is_absolute() and first["distance"] < 0.5
     assert [r["distance"] for r in good["results"]] == sorted(r["distance"] for r in good["results"])
     assert "results" not in bad and "damaged" in bad["error"]
+    guess = good["category_guess"]  # what the category prior saw: the store's categories, most likely first
+    assert {g["name"] for g in guess} == {"Shirts", "Jeans"} and abs(sum(g["p"] for g in guess) - 1) < 1e-3
+    assert guess == sorted(guess, key=lambda g: -g["p"]) and "kind_guess" not in good  # no kind head in these weights
     with Image.open(store / "sheet.png") as sheet:
         assert sheet.format == "PNG" and sheet.width > sheet.height > 0
         assert np.asarray(sheet.convert("L")).std() > 10

@@ -119,6 +119,15 @@ async def test_training_run_lifecycle(db: Database) -> None:
     assert len(await db.list_training_runs(1)) == 1
 
 
+async def test_a_run_keeps_where_its_progress_is_watched(db: Database) -> None:
+    """A killed bot's successor finds the admin's status message through the run."""
+    watched = await db.start_training_run("feedback", {}, progress_message={"chat_id": 42, "message_id": 7})
+    closed = await db.finish_training_run(watched, "failed")
+    assert closed.progress_message == {"chat_id": 42, "message_id": 7}
+    unwatched = await db.start_training_run("feedback", {})
+    assert (await db.get_training_run(unwatched)).progress_message is None  # type: ignore[union-attr]
+
+
 async def test_training_run_input_is_checked(db: Database) -> None:
     run_id = await db.start_training_run("feedback", {})
     with pytest.raises(ValueError, match="progress"):

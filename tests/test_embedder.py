@@ -20,7 +20,7 @@ from ffengine import embedder as embedder_module
 from ffengine import runtime_onnx
 from ffengine.embedder import Embedder
 from ffengine.errors import ConfigError
-from ffengine.images import load_image, square_crop
+from ffengine.images import load_image, whole_picture
 from ffengine.runtime_onnx import cosine_rows
 from ffengine.weights import Preprocess, save_weights
 
@@ -122,7 +122,7 @@ def test_prepare_gives_network_input_in_any_thread(onnx_random):
     imgs = pictures(6, size=(90, 300))
     batch = onnx_random.prepare(imgs)
     assert batch.shape == (6, 224, 224, 3) and batch.dtype == np.uint8 and batch.flags.c_contiguous
-    assert np.array_equal(batch[2], square_crop(imgs[2], 256, 224))
+    assert np.array_equal(batch[2], whole_picture(imgs[2], 224))  # the default fit: the whole picture
     results: dict[int, np.ndarray] = {}
     threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, onnx_random.prepare(imgs))) for i in range(4)]
     for t in threads:
@@ -427,10 +427,10 @@ def test_matches_the_torchvision_reference_pipeline(real_pair, real_weights, sha
     reference = mobilenet_v2(weights=None)
     reference.load_state_dict({**reference.state_dict(), **resolved.state_dict})
     reference.eval()
+    fit = [transforms.Resize((prep.input_size, prep.input_size))] if prep.fit == "whole" else [transforms.Resize(prep.resize), transforms.CenterCrop(prep.input_size)]
     to_input = transforms.Compose(
         [
-            transforms.Resize(prep.resize),
-            transforms.CenterCrop(prep.input_size),
+            *fit,
             transforms.ToTensor(),
             transforms.Normalize(prep.mean, prep.std),
         ]

@@ -1,13 +1,15 @@
 """Downloading catalogue images from a real aiohttp server on 127.0.0.1.
 
 The server (:class:`ImageServer`, also used by ``test_build.py``) runs in its own thread
-and event loop, so both async tests and blocking ``build_index`` calls can use it.
+and event loop, so both async tests and blocking ``build_index`` calls can use it. Loopback
+is refused by default (SSRF), so the tests open it through the setting, as an admin would.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -16,14 +18,18 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from ffengine.config import FetchAllow
+from ffengine.errors import ConfigError
 from ffengine.fetch import Fetcher, FetchError, FetchSettings
 from ffengine.httpcache import HttpCache, Validators
 from tests.conftest import make_image
 
 GOOD = make_image(seed=11)
 BIG = b"\xff\xd8" + b"x" * 300_000  # bigger than the 200 kB cap used below
+#: The test server's address, which the importer refuses unless the setting opens it.
+LOOPBACK = FetchAllow.parse("127.0.0.1/32")
 #: Tight limits so failing cases finish in well under a second.
-FAST = FetchSettings(concurrency=4, timeout_s=0.5, connect_timeout_s=0.5, max_bytes=200_000, retries=2, backoff_s=0.01)
+FAST = FetchSettings(concurrency=4, timeout_s=0.5, connect_timeout_s=0.5, max_bytes=200_000, retries=2, backoff_s=0.01, allow=LOOPBACK)
 LAST_MODIFIED = "Wed, 21 Oct 2015 07:28:00 GMT"
 
 
@@ -69,6 +75,7 @@ class ImageServer:
         app.router.add_get("/flaky/{name}", self.flaky)
         app.router.add_get("/busy/{name}", self.busy)
         app.router.add_get("/redirect/{name}", self.redirect)
+        app.router.add_get("/to", self.redirect_to)
         app.router.add_get("/held/{name}", self.held)
         app.router.add_get("/versioned/{name}", self.versioned)
         app.router.add_get("/dated/{name}", self.dated)
@@ -133,6 +140,11 @@ class ImageServer:
     async def redirect(self, request: web.Request) -> web.Response:
         self._hit(request)
         raise web.HTTPFound(f"/good/{request.match_info['name']}")
+
+    async def redirect_to(self, request: web.Request) -> web.Response:
+        """A redirect to wherever ``?url=`` says (an open redirect, as CDNs and shops have)."""
+        self._hit(request)
+        raise web.HTTPFound(request.query["url"])
 
     async def versioned(self, request: web.Request) -> web.Response:
         """Like a CDN: ETag + Last-Modified, and 304 when the client's ETag is the current one."""
@@ -213,7 +225,7 @@ async def test_failing_once_then_succeeding_is_retried(image_server: ImageServer
 
 async def test_no_retries_means_one_attempt(image_server: ImageServer) -> None:
     with pytest.raises(FetchError, match="HTTP 503") as err:
-        await fetch(image_server.url("/flaky/once.jpg"), FetchSettings(retries=0))
+        await fetch(image_server.url("/flaky/once.jpg"), FetchSettings(retries=0, allow=LOOPBACK))
     assert err.value.reason == "http_503"
     assert image_server.hits["/flaky/once.jpg"] == 1
 
@@ -238,7 +250,7 @@ async def test_not_an_image_is_returned_for_the_decoder_to_refuse(image_server: 
 
 async def test_concurrency_is_bounded(image_server: ImageServer) -> None:
     image_server.max_active = 0
-    settings = FetchSettings(concurrency=3, timeout_s=5)
+    settings = FetchSettings(concurrency=3, timeout_s=5, allow=LOOPBACK)
     async with Fetcher(settings) as fetcher:
         bodies = await asyncio.gather(*(fetcher.get(image_server.url(f"/held/{i}.jpg")) for i in range(12)))
     assert bodies == [GOOD] * 12
@@ -347,7 +359,7 @@ async def test_the_size_cap_applies_to_stored_bodies(image_server: ImageServer, 
     cache, url = HttpCache(tmp_path), image_server.url("/versioned/capped.jpg")
     image_server.versions["capped.jpg"] = GOOD
     await fetch_cached(url, cache)
-    small = FetchSettings(max_bytes=len(GOOD) - 1, retries=0)
+    small = FetchSettings(max_bytes=len(GOOD) - 1, retries=0, allow=LOOPBACK)
     assert cache.get(url, small.max_bytes) is None  # bigger than this fetcher accepts: not even read back
     with pytest.raises(FetchError, match="too large"):  # and not slipped in through a 304
         await fetch_cached(url, cache, small)
@@ -371,3 +383,79 @@ async def test_an_unwritable_http_cache_only_costs_the_caching(image_server: Ima
         body, fetcher = await fetch_cached(url, cache)
         assert body == GOOD and fetcher.downloaded == 1
     assert sum("not writable" in r.getMessage() for r in caplog.records) == 1
+
+
+# ---------------------------------------------------------------- SSRF: what a catalogue must not reach
+
+
+async def blocked(url: str, settings: FetchSettings = FetchSettings(retries=0)) -> FetchError:
+    with pytest.raises(FetchError) as err:
+        await fetch(url, settings)
+    return err.value
+
+
+async def test_loopback_and_private_addresses_are_refused_by_default(image_server: ImageServer) -> None:
+    port = image_server.base.rsplit(":", 1)[1]
+    for host in ("127.0.0.1", "[::1]", "[::ffff:127.0.0.1]", "0.0.0.0", "10.0.0.1", "169.254.169.254", "224.0.0.1"):
+        error = await blocked(f"http://{host}:{port}/good/refused.jpg")
+        assert error.reason == "blocked_address", (host, error)
+        assert "not a public address" in str(error) and "FFENGINE_FETCH_ALLOW" in str(error)
+    assert image_server.hits["/good/refused.jpg"] == 0  # refused before connecting
+
+
+async def test_a_name_that_resolves_to_loopback_is_refused(image_server: ImageServer) -> None:
+    port = image_server.base.rsplit(":", 1)[1]
+    error = await blocked(f"http://localhost:{port}/good/name.jpg")
+    assert error.reason == "blocked_address" and "localhost (" in str(error)
+    assert image_server.hits["/good/name.jpg"] == 0
+
+
+async def test_a_redirect_to_a_refused_address_is_refused(image_server: ImageServer) -> None:
+    port = image_server.base.rsplit(":", 1)[1]
+    trusted = FetchSettings(retries=0, allow=FetchAllow.parse("localhost"))  # the shop's own host, by name
+    hop = f"http://127.0.0.1:{port}/good/hop.jpg"
+    assert await fetch(f"http://localhost:{port}/good/direct.jpg", trusted) == GOOD
+    error = await blocked(f"http://localhost:{port}/to?url={hop}", trusted)
+    assert error.reason == "blocked_address" and image_server.hits["/good/hop.jpg"] == 0
+    assert (await blocked(image_server.url("/to?url=file:///etc/passwd"), FAST)).reason == "bad_url"
+
+
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://ftp.example/a.jpg", "gopher://127.0.0.1:70/x", "//cdn.example/a.jpg"])
+async def test_only_http_and_https_are_fetched(url: str) -> None:
+    assert (await blocked(url)).reason == "bad_url"
+
+
+async def test_the_setting_opens_named_hosts_and_networks(image_server: ImageServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    port = image_server.base.rsplit(":", 1)[1]
+    assert await fetch(image_server.url("/redirect/allowed.jpg"), FetchSettings(allow=FetchAllow.parse("10.0.0.0/8, 127.0.0.0/8"))) == GOOD
+    assert await fetch(f"http://localhost:{port}/good/a.jpg", FetchSettings(allow=FetchAllow.parse("LocalHost."))) == GOOD
+    monkeypatch.setenv("FFENGINE_FETCH_ALLOW", "images.lan,127.0.0.1")
+    assert FetchSettings.from_env(retries=0).allow == FetchAllow(frozenset({"images.lan"}), (ipaddress.ip_network("127.0.0.1/32"),))
+    assert await fetch(image_server.url("/good/env.jpg"), FetchSettings.from_env()) == GOOD
+
+
+@pytest.mark.parametrize("value", ["10.0.0.0/33", "10.0.0.1/8", "not a host", "http://images.lan", "1.2.3"])
+def test_a_malformed_allow_entry_is_a_config_error(value: str) -> None:
+    with pytest.raises(ConfigError, match="FFENGINE_FETCH_ALLOW"):
+        FetchAllow.parse(value)
+
+
+async def test_the_connector_is_handed_only_the_allowed_addresses_a_name_resolves_to(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check sits in the resolver aiohttp connects with: what is checked is what is connected to."""
+    from ffengine import fetch as fetch_module
+
+    answers = {"mixed.example": ["93.184.216.34", "127.0.0.1", "::ffff:10.0.0.1"], "inside.example": ["10.1.2.3"], "images.lan": ["10.1.2.4"]}
+
+    class Stub:
+        async def resolve(self, host: str, port: int = 0, family: int = 0) -> list[dict[str, object]]:
+            return [{"hostname": host, "host": a, "port": port, "family": family, "proto": 0, "flags": 0} for a in answers[host]]
+
+        async def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(fetch_module, "DefaultResolver", Stub)
+    resolver = fetch_module._GuardedResolver(FetchAllow.parse("images.lan"))
+    assert [r["host"] for r in await resolver.resolve("mixed.example", 80)] == ["93.184.216.34"]
+    assert [r["host"] for r in await resolver.resolve("images.lan", 80)] == ["10.1.2.4"]
+    with pytest.raises(fetch_module.BlockedAddress, match=r"inside.example \(10.1.2.3\)"):
+        await resolver.resolve("inside.example", 80)

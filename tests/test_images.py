@@ -132,10 +132,22 @@ def test_missing_file(tmp_path):
 def test_oversized_file_bytes_and_path(image_bytes, tmp_path):
     data = image_bytes(seed=2, size=(120, 90))
     err = rejected(data, "too_large", max_bytes=len(data) - 1)
-    assert "MB" in str(err)
+    assert "MiB" in str(err)
     path = tmp_path / "big.jpg"
     path.write_bytes(data)
     rejected(path, "too_large", max_bytes=100)
+
+
+def test_byte_limits_are_printed_in_mib_everywhere(tmp_path):
+    # The same 20 * 1024 * 1024 limit used to read "21 MB" in the CLI and "20 MB" in the bot.
+    from ffengine.fetch import _too_large as fetch_too_large
+    from ffengine.images import MAX_BYTES, format_mib, mib
+
+    assert (format_mib(MAX_BYTES), mib(MAX_BYTES), mib(300_000), format_mib(0)) == ("20 MiB", "20", "0.3", "0 MiB")
+    path = tmp_path / "big.jpg"
+    path.write_bytes(b"\xff\xd8" + b"x" * (MAX_BYTES + 3 * 1024 * 1024 // 10))
+    assert str(rejected(path, "too_large")) == "The image is too large (20.3 MiB); the limit is 20 MiB."
+    assert str(fetch_too_large(None, MAX_BYTES)) == "image too large (more than 20 MiB; the limit is 20 MiB)"
 
 
 def test_read_image_bytes_returns_the_bytes_with_load_images_checks(image_bytes, tmp_path):

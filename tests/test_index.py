@@ -22,6 +22,7 @@ from ffengine.index import (
     BallTreeSearcher,
     DEFAULT_OPTIONS,
     ExactSearcher,
+    manifest_checksum,
     PQSearcher,
     ShortlistSearcher,
     DEFAULT_REDUCTION,
@@ -71,6 +72,14 @@ def rewrite_manifest(index_dir: Path, **changes: object) -> None:
     manifest = json.loads((index_dir / "manifest.json").read_text())
     manifest.update(changes)
     manifest["files"] = {name: sha256_file(index_dir / name) for name in manifest["files"]}
+    manifest["checksum"] = manifest_checksum(manifest)
+    (index_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def edit_manifest(index_dir: Path, edit) -> None:
+    """Edit the manifest by hand, leaving its checksum alone, as an admin with a text editor would."""
+    manifest = json.loads((index_dir / "manifest.json").read_text())
+    edit(manifest)
     (index_dir / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -151,6 +160,8 @@ def test_other_model_is_refused_with_a_clear_message(built: tuple[Path, np.ndarr
         (lambda d: (d / "products.jsonl").unlink(), "products.jsonl is missing"),
         (lambda d: (d / "manifest.json").write_text("{not json"), "not readable JSON"),
         (lambda d: (d / "manifest.json").write_text('{"format": "ffengine-index", "version": 99}'), "format version 99"),
+        (lambda d: edit_manifest(d, lambda m: m["options"].update(shortlist=1)), "changed after it was written"),
+        (lambda d: edit_manifest(d, lambda m: m["projection"].update(normalize_input=False)), "changed after it was written"),
         (lambda d: rewrite_manifest(d, count=999), "expected float32"),
         (lambda d: rewrite_manifest(d, backend="faiss"), "backend 'faiss'"),
         (lambda d: (np.save(d / "vectors.npy", np.zeros((120, 16), np.float64)), rewrite_manifest(d)), "float64"),
@@ -229,6 +240,10 @@ CRASH_SCRIPT = textwrap.dedent(
                 os._exit(9)
             real(fh, arr, **kw)
         np.save = save
+    elif where == "before-swap":  # the last step: moving the new index into place
+        def replace(src, dst):
+            os._exit(9)
+        os.replace = replace
     else:  # between moving the old index aside and moving the new one in
         real_replace = os.replace
         def replace(src, dst):
@@ -259,6 +274,17 @@ def test_crash_never_leaves_a_half_written_live_index(built: tuple[Path, np.ndar
     write_index(out, features(30, seed=4), products(30, "next"), fingerprint="model-c", catalog_hash="cat3")
     assert len(Index.load(out, expect_fingerprint="model-c")) == 30
     assert not (out.parent / "index.old").exists()
+
+
+def test_double_crash_keeps_the_last_good_copy(built: tuple[Path, np.ndarray, list[Product]]) -> None:
+    """A crash left only ``index.old``; a second write that dies before its swap must not have deleted it."""
+    out, _, _ = built
+    repo = Path(__file__).resolve().parents[1]
+    for where in ("swapping", "before-swap"):
+        proc = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, str(out), where], cwd=repo, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 9, proc.stderr
+        assert not out.exists() and (out.parent / "index.old" / "manifest.json").is_file()
+        assert len(Index.load(out, expect_fingerprint="model-a")) == 120
 
 
 def test_refuses_to_replace_a_directory_that_is_not_an_index(tmp_path: Path) -> None:

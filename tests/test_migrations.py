@@ -81,6 +81,23 @@ def test_downgrade_to_base_and_back_up(tmp_path: Path) -> None:
     assert schema_diff(path) == []
 
 
+def test_each_step_down_keeps_the_data_and_comes_back_up(tmp_path: Path) -> None:
+    """Downgrading the newest migration keeps the rows (and the one-running-run index) of the older schema."""
+    path = tmp_path / "ff.db"
+    cfg = alembic_config(sqlite_url(path))
+    command.upgrade(cfg, "head")
+    with sqlite3.connect(path) as conn:
+        conn.execute("INSERT INTO training_runs (kind, status, progress, log, started_at) VALUES ('feedback', 'running', 0.5, '', '2026-01-01')")
+    command.downgrade(cfg, "-1")
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT kind, progress FROM training_runs").fetchall() == [("feedback", 0.5)]
+        indexes = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert "uq_training_runs_one_running" in indexes
+    command.upgrade(cfg, "head")
+    assert current_revision(sqlite_url(path)) == head_revision()
+    assert schema_diff(path) == []
+
+
 async def test_open_upgrades_and_sets_up_sqlite(tmp_path: Path) -> None:
     path = tmp_path / "data" / "ff.db"
     db = await Database.open(sqlite_url(path))

@@ -43,10 +43,11 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "products.csv").write_text("\n".join(rows) + "\n")
     queries = root / "queries"
     labels = ["image,split,label"]
-    for j, label in enumerate(sorted(QUERY_LABELS) * 3):
-        (queries / "validation" / label).mkdir(parents=True, exist_ok=True)
-        garment(COLOURS["Red"], 100 + j).rotate(10, fillcolor=(90, 80, 70)).save(queries / "validation" / label / f"{j}.jpg")
-        labels.append(f"validation/{label}/{j}.jpg,validation,{label}")
+    for split, offset in (("validation", 100), ("train", 200)):
+        for j, label in enumerate(sorted(QUERY_LABELS) * 3):
+            (queries / split / label).mkdir(parents=True, exist_ok=True)
+            garment(COLOURS["Red"], offset + j).rotate(10, fillcolor=(90, 80, 70)).save(queries / split / label / f"{j}.jpg")
+            labels.append(f"{split}/{label}/{j}.jpg,{split},{label}")
     (queries / "labels.csv").write_text("\n".join(labels) + "\n")
     (root / "query_categories.csv").write_text(
         "query_label,catalog_categories\n" + "".join(f"{k},{v}\n" for k, v in QUERY_LABELS.items())
@@ -64,6 +65,7 @@ def settings_env(store: Path, db: Path) -> dict[str, str]:
         "FFENGINE_DATA_DIR": str(db.parent / "data"),
         "FFENGINE_INDEX": str(store / "data" / "index"),
         "DATABASE_URL": f"sqlite+aiosqlite:///{db}",
+        "TRAIN_KEEP_REJECTED": "1",  # a rejected version must stay loadable for the rollback checks
     }
 
 
@@ -115,13 +117,14 @@ def test_models_rollback_and_errors_on_a_fresh_database(store: Path, tmp_path: P
 
 def test_finetune_makes_a_version_compared_on_labelled_photos_and_rollback_undoes_it(store: Path, tmp_path: Path, cli) -> None:
     db = tmp_path / "ff.db"
-    args = ["finetune", "--catalog", str(store / "products.csv"), "--epochs", "1", "--views", "1", "--batch-size", "8",
+    args = ["finetune", "--catalog", str(store / "products.csv"), "--train-from", "17", "--epochs", "1", "--views", "1", "--batch-size", "8",
             "--min-label-count", "3", "--name", "ft-test", "--json"]
     proc = run(store, db, *args, "--queries", str(store / "queries"))
     result = last_json(proc)
     assert result["version"] == "ft-test" and result["status"] in ("promoted", "rejected")
     m = result["metrics"]
     assert 0 <= m["micro_f1"] <= 1 and m["labels"] >= 2 and m["index_products"] == 36
+    assert m["kind_photos"] == 9 and m["kind_classes"] == len(QUERY_LABELS) + 1  # the kind head, on the train photos
     assert {"precision5_before", "precision5_after"} <= set(m) and m["precision5_split"] == "validation"
     assert "[" in proc.stderr and "epoch 1/1" in proc.stderr  # progress on stderr
 
@@ -145,7 +148,7 @@ def test_finetune_makes_a_version_compared_on_labelled_photos_and_rollback_undoe
 def test_finetune_without_labelled_photos_is_registered_but_not_activated(store: Path, tmp_path: Path, cli, monkeypatch) -> None:
     db = tmp_path / "ff.db"
     monkeypatch.delenv("FFENGINE_EVAL_QUERIES", raising=False)
-    result = last_json(cli(store, db, "finetune", "--catalog", str(store / "products.csv"), "--epochs", "1", "--views", "0",
+    result = last_json(cli(store, db, "finetune", "--catalog", str(store / "products.csv"), "--train-from", "17", "--epochs", "1", "--views", "0",
                            "--min-label-count", "3", "--limit", "24", "--json"))
     assert result["status"] == "unevaluated" and "rollback" in result["reason"]
     versions = last_json(cli(store, db, "models", "--json"))["versions"]

@@ -192,16 +192,35 @@ async def test_enough_feedback_makes_a_better_version_and_activates_it(sdb: Data
     assert child is not None and child.parent_id == active.id
 
 
-async def test_a_worse_model_is_registered_but_not_activated(sdb: Database, settings: EngineSettings) -> None:
+async def test_a_worse_model_is_registered_but_not_activated(sdb: Database, settings: EngineSettings, monkeypatch: pytest.MonkeyPatch) -> None:
     db = sdb
     # shoppers whose taste flips between the old searches and the newest (held-out) ones:
     # whatever is learnt from the old ones is wrong on the new ones
     await flip_taste_of_newest(db, share=0.2)
+    monkeypatch.delenv("TRAIN_KEEP_REJECTED", raising=False)
     result = await retrain_from_feedback_async(db, settings, options=FAST)
     assert result.status == "rejected" and "kept base" in result.reason
     assert (await db.active_model_version()).name == "base"  # type: ignore[union-attr]
-    assert (await db.get_model_version(result.version)).notes.startswith("rejected")  # type: ignore[arg-type, union-attr]
-    assert (await db.list_training_runs())[0].status == "rejected"
+    version = await db.get_model_version(result.version)  # type: ignore[arg-type]
+    assert version is not None and version.notes.startswith("rejected")  # type: ignore[union-attr]
+    assert version.metrics["holdout_pairwise_after"] < version.metrics["holdout_pairwise_before"]  # type: ignore[index]
+    run = (await db.list_training_runs())[0]
+    assert run.status == "rejected" and f"removed the files of {result.version}" in run.log
+    assert not (settings.models_dir / result.version).exists()  # type: ignore[operator]  # its metrics are in the database
+
+    monkeypatch.setenv("TRAIN_KEEP_REJECTED", "1")
+    kept = await retrain_from_feedback_async(db, settings, options=FAST)
+    assert kept.status == "rejected"
+    Index.load(settings.models_dir / kept.version / "index", expect_fingerprint="synthetic-fp")  # type: ignore[operator]
+
+
+async def test_a_malformed_keep_rejected_setting_stops_the_run_before_it_starts(sdb: Database, settings: EngineSettings, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ffengine.errors import ConfigError
+
+    monkeypatch.setenv("TRAIN_KEEP_REJECTED", "maybe")
+    with pytest.raises(ConfigError, match="TRAIN_KEEP_REJECTED must be 1 or 0"):
+        await retrain_from_feedback_async(sdb, settings, options=FAST)
+    assert await sdb.list_training_runs() == []
 
 
 async def flip_taste_of_newest(db: Database, share: float) -> None:
@@ -277,6 +296,30 @@ async def test_a_killed_run_leaves_everything_usable(tmp_path: Path, settings: E
         assert [r.status for r in runs] == ["succeeded", "failed"] and "died" in runs[1].log
     finally:
         await db.close()
+
+
+async def test_start_up_closes_a_killed_run_and_removes_its_half_written_index(sdb: Database, settings: EngineSettings) -> None:
+    """What a run killed while writing its index leaves: a ``running`` row and ``models/<name>/index.tmp-*``."""
+    from train.runs import recover_interrupted
+
+    db = sdb
+    killed = await db.start_training_run("feedback", {}, progress_message={"chat_id": 5, "message_id": 9})
+    await db.update_training_run(killed, progress=0.9, log_line="writing the index of feedback-x")
+    half = settings.models_dir / "feedback-x" / "index.tmp-abc123"
+    half.mkdir(parents=True)
+    (half / "features.npy").write_bytes(bytes(1024))
+    kept = settings.models_dir / "feedback-kept" / "index"
+    kept.mkdir(parents=True)  # a finished version's index is not a leftover
+
+    with training_lock(settings.data_dir, "feedback"):  # a live run elsewhere: nothing is touched
+        assert await recover_interrupted(db, settings) == []
+    assert half.is_dir() and (await db.get_training_run(killed)).status == "running"  # type: ignore[union-attr]
+
+    [closed] = await recover_interrupted(db, settings)
+    assert (closed.id, closed.status, closed.progress) == (killed, "failed", 0.9)
+    assert closed.progress_message == {"chat_id": 5, "message_id": 9} and "died" in closed.log
+    assert not (settings.models_dir / "feedback-x").exists() and kept.is_dir()
+    assert await recover_interrupted(db, settings) == []
 
 
 async def test_the_lock_refuses_a_second_run_and_records_nothing(sdb: Database, settings: EngineSettings) -> None:

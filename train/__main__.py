@@ -1,7 +1,8 @@
 """``python -m train`` / ``ffengine-train``: fine-tune, retrain from feedback, simulate, list and roll back versions.
 
 Settings come from the environment (and ``.env``): ``FFENGINE_WEIGHTS``, ``FFENGINE_INDEX``,
-``FFENGINE_DEVICE``, ``FFENGINE_DATA_DIR``, ``DATABASE_URL``, ``FFENGINE_EVAL_QUERIES``.
+``FFENGINE_DEVICE``, ``FFENGINE_DATA_DIR``, ``DATABASE_URL``, ``FFENGINE_EVAL_QUERIES``,
+``TRAIN_KEEP_REJECTED``.
 Progress goes to stderr, a summary to stdout; ``--json`` adds one JSON object as the
 last line of stdout. A problem a person can fix prints one line and exits with 2.
 """
@@ -68,15 +69,16 @@ def parser() -> argparse.ArgumentParser:
         cmd.add_argument("--name", help="name of the new model version (default <kind>-<UTC time>)")
         cmd.add_argument("--no-activate", action="store_true", help="register the new version but leave the active one")
 
-    ft = sub.add_parser("finetune", help="fine-tune the backbone on the catalogue's labels (category, colour, gender, ...)")
+    ft = sub.add_parser("finetune", help="train the garment-kind head on labelled shoppers' photos and the catalogue (optionally the last backbone blocks first)")
     ft.add_argument("--catalog", type=Path, help="products CSV/JSONL (default FFENGINE_CATALOG)")
     ft.add_argument("--mode", choices=("auto", "frozen-prefix", "full"), default="auto", help="auto: full on a GPU, frozen-prefix on a CPU")
-    ft.add_argument("--train-from", type=int, default=17, help="frozen-prefix: first trained block of features (0-19; 19 = head only)")
-    ft.add_argument("--epochs", type=positive, default=6)
+    ft.add_argument("--train-from", type=int, default=19,
+                    help="first backbone block fine-tuned on the catalogue's labels before the kind head (0-18); 19 = the kind head only (default: %(default)s)")
+    ft.add_argument("--epochs", type=positive, default=6, help="backbone fine-tuning epochs (default: %(default)s)")
     ft.add_argument("--limit", type=positive, help="train on this many products (a seeded subset)")
     ft.add_argument("--views", type=int, default=2, help="augmented shopper-like views per product")
-    ft.add_argument("--batch-size", type=positive, default=64)
-    ft.add_argument("--lr", type=float, default=1e-3)
+    ft.add_argument("--batch-size", type=positive, default=64, help="backbone fine-tuning batch size (default: %(default)s)")
+    ft.add_argument("--lr", type=float, default=1e-3, help="backbone fine-tuning learning rate of its label head (default: %(default)s)")
     ft.add_argument("--min-label-count", type=positive, default=10, help="keep attribute=value labels seen this often")
     ft.add_argument("--attributes", default=",".join(DEFAULT_ATTRIBUTES), help="catalogue columns used as labels (comma-separated)")
     evaluation(ft)
@@ -142,7 +144,9 @@ def cmd_finetune(args: argparse.Namespace, settings: EngineSettings, url: str) -
     opts = FinetuneRunOptions(training, args.queries, args.categories, eval_limit=args.eval_limit, name=args.name)
     result = finetune_catalog(url, settings, catalog, options=opts, progress=progress_printer(), activate=not args.no_activate)
     m = result.metrics
-    summary = f"{result.status}: {result.reason}\nheld-out micro-F1 {m.get('micro_f1', 0):.3f} on {m.get('labels')} labels; {m.get('seconds', 0):.0f} s"
+    learned = [f"kind head on {m['kind_photos']} shoppers' photos + {m['kind_products']} products"] if "kind_photos" in m else []
+    learned += [f"held-out micro-F1 {m['micro_f1']:.3f} on {m['labels']} labels"] if "micro_f1" in m else []
+    summary = f"{result.status}: {result.reason}\n{'; '.join(learned)}; {m.get('seconds', 0):.0f} s"
     emit(summary, result.to_json(), args.json)
     return 0
 

@@ -1,10 +1,17 @@
-"""``python -m train finetune``: fine-tune on a catalogue and end in a new model version.
+"""``python -m train finetune``: learn from the catalogue (and labelled shoppers' photos) and end in a new model version.
 
-Fine-tuning changes the backbone, so the catalogue is embedded again with the new
-weights (through the embedding cache, keyed by the new fingerprint) into the version's
-own index. The version is compared with the active one on labelled shopper photos
-(category precision@5, validation split) and activated only if it is not worse; without
-labelled photos it is registered but left for an admin to activate (``rollback NAME``).
+Two steps, the first optional:
+
+* the study's step (``train_from`` < 19): the last backbone blocks learn the catalogue's
+  attributes (:func:`train.finetune.finetune`); the catalogue is then embedded again with the new
+  weights (through the embedding cache, keyed by the new fingerprint);
+* the garment-kind head (:mod:`train.kinds`), on frozen features of the product shots and of the
+  ``train`` split of the labelled photos; it ships inside the version's weights file, and the
+  version's index gets its kind prior (:mod:`ffengine.prior`).
+
+The version is compared with the active one on the labelled photos' validation split (category
+precision@5) and activated only if it is better; without labelled photos it is registered but
+left for an admin to activate (``rollback NAME``).
 """
 
 from __future__ import annotations
@@ -22,7 +29,12 @@ from ffengine.db import Database
 from ffengine.embedder import Embedder
 from ffengine.index import Index
 from train.evaluation import Benchmark, LabelledPhotos, default_eval_queries
-from train.finetune import FinetuneOptions, finetune
+from ffengine.build import embed_catalog
+from ffengine.evaluate import embed_photos
+from ffengine.weights import save_weights
+from train.errors import TrainingError
+from train.finetune import N_BLOCKS, FinetuneOptions, finetune
+from train.kinds import fit_kind_head
 from train.runs import Progress, Run, TrainingResult, training_run
 from train.versions import claim_version, ensure_current, write_metrics
 
@@ -74,49 +86,67 @@ def finetune_catalog(database_url: str, settings: EngineSettings, catalog: Path,
 
 async def _finetune(db: Database, settings: EngineSettings, catalog: Path, opts: FinetuneRunOptions, run: Run, activate: bool) -> TrainingResult:
     started = time.perf_counter()
+    queries = opts.queries()
+    if queries is None and opts.training.train_from >= N_BLOCKS:
+        raise TrainingError("nothing to learn: the garment-kind head needs labelled shoppers' photos (--queries or FFENGINE_EVAL_QUERIES); "
+                            "or fine-tune backbone blocks with --train-from N (N < 19)")
     current = await ensure_current(db, settings)
     name, folder = await claim_version(db, settings, KIND, opts.name)
     run.made.append(folder)
     await run.step(0.01, f"reading {catalog}")
     read = await asyncio.to_thread(read_catalog, catalog)
     base = await asyncio.to_thread(Embedder.load, current.weights, settings.device, runtime=settings.runtime)
-    await run.step(0.03, f"fine-tuning {current.name}'s backbone on {len(read.products)} products")
-    result = await asyncio.to_thread(
-        finetune, read.products, base, folder / WEIGHTS_FILE, opts.training, progress=run.within(0.03, 0.7, "fine-tune"), meta={"version": name}
-    )
-    await run.step(0.7, f"held-out micro-F1 {result.micro_f1:.3f}; embedding the catalogue with the new weights")
-    weights = str((folder / WEIGHTS_FILE).resolve())
-    tuned = await asyncio.to_thread(Embedder.load, weights, settings.device, runtime=settings.runtime)
+    weights = folder / WEIGHTS_FILE
+    backbone, metrics = base, {}
+    if opts.training.train_from < N_BLOCKS:
+        await run.step(0.03, f"fine-tuning {current.name}'s backbone on {len(read.products)} products")
+        result = await asyncio.to_thread(
+            finetune, read.products, base, weights, opts.training, progress=run.within(0.03, 0.6, "fine-tune"), meta={"version": name}
+        )
+        metrics.update({k: v for k, v in result.to_json().items() if k not in ("weights", "history")})
+        backbone = await asyncio.to_thread(Embedder.load, str(weights), settings.device, runtime=settings.runtime)
+    if queries is not None:
+        await run.step(0.6, "training the garment-kind head on shoppers' photos and product shots")
+        head, counts = await asyncio.to_thread(kind_head_for, read, backbone, queries, opts, settings)
+        state = {f"features.{k}": v.detach().clone() for k, v in backbone.model.state_dict().items()}
+        await asyncio.to_thread(save_weights, state, weights, backbone.preprocess, kind_head=head, version=name, base=current.name, **counts)
+        metrics.update({"kind_classes": len(head.classes), **counts})
+    await run.step(0.7, "building the version's index")
+    tuned = await asyncio.to_thread(Embedder.load, str(weights.resolve()), settings.device, runtime=settings.runtime)
     report = await asyncio.to_thread(build_index, read, folder / "index", tuned, cache_dir=settings.cache_dir, progress=False)
-    metrics: dict[str, Any] = {
-        **{k: v for k, v in result.to_json().items() if k not in ("weights", "history")},
-        "index_products": report.products,
-        "index_skipped": len(report.skipped),
-    }
+    metrics.update({"index_products": report.products, "index_skipped": len(report.skipped)})
     status, reason = "unevaluated", (
         f"{name} registered but not activated: no labelled photos to compare it on "
         f"(set FFENGINE_EVAL_QUERIES or --queries); activate it with `python -m train rollback {name}`"
     )
-    queries = opts.queries()
     if queries is not None:
         await run.step(0.85, f"scoring precision@5 on the {opts.eval_split} photos")
         photos = LabelledPhotos.read(queries, opts.eval_split, categories=opts.eval_categories, limit=opts.eval_limit)
         before, after = await asyncio.to_thread(compare, photos, base, current.index_dir, tuned, folder / "index", settings)
         metrics.update({"precision5_before": before, "precision5_after": after, "precision5_split": opts.eval_split})
-        if after >= before:
-            status, reason = "promoted", f"{name} is not worse than {current.name}: precision@5 ({opts.eval_split}) {before:.3f} -> {after:.3f}"
+        if after > before:
+            status, reason = "promoted", f"{name} beats {current.name}: precision@5 ({opts.eval_split}) {before:.3f} -> {after:.3f}"
         else:
-            status, reason = "rejected", f"kept {current.name}: precision@5 ({opts.eval_split}) would fall {before:.3f} -> {after:.3f}"
+            status, reason = "rejected", f"kept {current.name}: precision@5 ({opts.eval_split}) {before:.3f} -> {after:.3f} is no gain"
     metrics["seconds"] = round(time.perf_counter() - started, 2)
     await asyncio.to_thread(write_metrics, folder, {**metrics, "kind": KIND, "parent": current.name})
     version = await db.create_model_version(
-        name, weights, str((folder / "index").resolve()), parent_id=current.id, metrics=metrics, notes=f"{status}: {reason}"
+        name, str(weights.resolve()), str((folder / "index").resolve()), parent_id=current.id, metrics=metrics, notes=f"{status}: {reason}"
     )
     run.made.clear()
     if status == "promoted" and activate:
         await db.activate_model_version(version.id)
     await run.step(1.0, reason)
     return TrainingResult(status, name, metrics, reason)
+
+
+def kind_head_for(read: Any, backbone: Embedder, queries: Path, opts: FinetuneRunOptions, settings: EngineSettings) -> tuple[Any, dict[str, int]]:
+    """The garment-kind head on ``backbone``'s features of the catalogue and of the labelled ``train`` photos."""
+    photos = LabelledPhotos.read(queries, "train", categories=opts.eval_categories)
+    catalogue = embed_catalog(read, backbone, cache_dir=settings.cache_dir, progress=False)
+    shots = embed_photos(photos.paths, backbone, cache_dir=settings.cache_dir)
+    head = fit_kind_head(catalogue.features, [p.category for p in catalogue.products], photos.category_map, shots, photos.labels)
+    return head, {"kind_products": len(catalogue.products), "kind_photos": len(photos.paths)}
 
 
 def compare(photos: LabelledPhotos, base: Embedder, base_index: Path, tuned: Embedder, tuned_index: Path, settings: EngineSettings) -> tuple[float, float]:

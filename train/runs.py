@@ -3,7 +3,14 @@
 Inside :func:`training_run` a run may write files into folders it lists in
 ``run.made``; if it fails (an exception, a cancellation) before it registers them as
 a model version, they are removed and the row is closed as ``failed`` with the error.
-Nothing that is active is touched by a failing run.
+Nothing that is active is touched by a failing run. A rejected version's files are
+removed once it is recorded (:func:`train.versions.keep_rejected`).
+
+A run whose process is killed can clean up nothing: its row stays ``running``, a
+half-written index stays on disk. The next run closes such rows and removes such files
+before it starts (:func:`close_dead_runs`); the bot does it at start-up
+(:func:`recover_interrupted`) and edits the status message stored with each closed run
+(:data:`PROGRESS_MESSAGE`) to say the run was interrupted.
 """
 
 from __future__ import annotations
@@ -13,20 +20,29 @@ import logging
 import shutil
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from ffengine.config import EngineSettings
 from ffengine.db import Database
+from ffengine.db import TrainingRun as RunRecord
 from ffengine.errors import FFError
+from train.errors import TrainingLocked
 from train.lock import training_lock
+from train.versions import keep_rejected, remove_partial_writes, remove_version_files
 
 log = logging.getLogger(__name__)
 
 #: ``progress(fraction 0..1, text)``; may be called from any thread.
 Progress = Callable[[float, str], None]
 
+
+#: Where a person watches the runs started in this context (the bot's status message:
+#: ``{"chat_id": ..., "message_id": ...}``); stored with the run. A context variable, because
+#: the entry points between the bot and :func:`training_run` take no such argument.
+PROGRESS_MESSAGE: ContextVar[dict[str, int] | None] = ContextVar("ff_progress_message", default=None)
 
 #: ``TrainingResult.status`` -> ``training_runs.status``.
 RUN_STATUS = {"promoted": "succeeded", "unevaluated": "succeeded", "rejected": "rejected", "insufficient": "rejected"}
@@ -60,8 +76,8 @@ class TrainingResult:
 class Run:
     """One training run in progress: report with :meth:`say` (any thread) or :meth:`step` (on the loop)."""
 
-    def __init__(self, db: Database, run_id: int, progress: Progress | None) -> None:
-        self.db, self.id, self.progress = db, run_id, progress
+    def __init__(self, db: Database, run_id: int, progress: Progress | None, settings: EngineSettings) -> None:
+        self.db, self.id, self.progress, self.settings = db, run_id, progress, settings
         self.made: list[Path] = []
         self.finished = False
 
@@ -87,6 +103,9 @@ class Run:
         """Close the row with what the run produced; returns ``result`` with the run id."""
         version = await self.db.get_model_version(result.version) if result.version else None
         await self.db.update_training_run(self.id, log_line=result.reason)
+        if version is not None and result.status == "rejected" and not keep_rejected():
+            if await asyncio.to_thread(remove_version_files, self.settings, version):
+                await self.db.update_training_run(self.id, log_line=f"removed the files of {version.name} (TRAIN_KEEP_REJECTED=1 keeps them)")
         await self.db.finish_training_run(
             self.id, RUN_STATUS[result.status], model_version_id=version.id if version else None, metrics=result.metrics
         )
@@ -94,13 +113,27 @@ class Run:
         return replace(result, run_id=self.id)
 
 
-async def close_dead_runs(db: Database) -> None:
-    """Under the lock no other run is alive, so a row still ``running`` belongs to a process that died."""
+async def close_dead_runs(db: Database, settings: EngineSettings) -> list[RunRecord]:
+    """Under the lock no other run is alive: a row still ``running`` belongs to a process that died
+    (it is closed as failed), a half-written index to a run that was killed (it is removed)."""
+    closed = []
     for run in await db.list_training_runs(limit=20):
         if run.status == "running":
             log.warning("training run %d was left running by a process that died; marking it failed", run.id)
-            await db.update_training_run(run.id, log_line="the process running this died (crash or kill); closed by the next run")
-            await db.finish_training_run(run.id, "failed", metrics={"error": "interrupted"})
+            await db.update_training_run(run.id, log_line="the process running this died (crash or kill)")
+            closed.append(await db.finish_training_run(run.id, "failed", metrics={"error": "interrupted"}))
+    await asyncio.to_thread(remove_partial_writes, settings)
+    return closed
+
+
+async def recover_interrupted(db: Database, settings: EngineSettings) -> list[RunRecord]:
+    """:func:`close_dead_runs` unless a training holds the lock (its run is alive); the closed runs."""
+    try:
+        with training_lock(settings.data_dir, "start-up check"):
+            return await close_dead_runs(db, settings)
+    except TrainingLocked as busy:
+        log.info("not checking for interrupted training runs: %s", busy)
+        return []
 
 
 @asynccontextmanager
@@ -108,11 +141,12 @@ async def training_run(
     db: Database, settings: EngineSettings, kind: str, params: dict[str, Any], progress: Progress | None
 ) -> AsyncIterator[Run]:
     """Hold the lock and a ``running`` row for the block; on any failure clean up and record it."""
+    keep_rejected()  # a malformed setting stops the run before any work
     with training_lock(settings.data_dir, kind) as stale:
         if stale is not None:
             log.warning("took over the training lock from %s, which died", stale.describe())
-        await close_dead_runs(db)
-        run = Run(db, await db.start_training_run(kind, params), progress)
+        await close_dead_runs(db, settings)
+        run = Run(db, await db.start_training_run(kind, params, PROGRESS_MESSAGE.get()), progress, settings)
         try:
             yield run
         except BaseException as exc:

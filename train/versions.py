@@ -2,7 +2,9 @@
 
 A version is a row in ``model_versions`` (weights spec + index directory) and, when
 ``train/`` made it, a folder ``<data_dir>/models/<name>/`` holding its files. Versions
-are never deleted by training; switching back is :func:`rollback`.
+are never deleted by training; switching back is :func:`rollback`. A *rejected* version
+(trained, evaluated worse) keeps its row and metrics but not its files, unless
+``TRAIN_KEEP_REJECTED=1`` (:func:`keep_rejected`) keeps them to be activated by hand.
 """
 
 from __future__ import annotations
@@ -11,14 +13,17 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ffengine.config import EngineSettings
+from ffengine.config import EngineSettings, env_str
 from ffengine.db import Database, ModelVersion
-from ffengine.index import MANIFEST_FILE, Index, read_manifest
+from ffengine.errors import ConfigError
+from ffengine.index import MANIFEST_FILE, Index, read_manifest, remove_stale_tmp
 from ffengine.weights import looks_like_path
 from train.errors import TrainingError
 
@@ -26,6 +31,9 @@ from train.errors import TrainingError
 BASE_VERSION = "base"
 METRICS_FILE = "metrics.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+#: ``1`` keeps the files of rejected versions (see :func:`keep_rejected`).
+KEEP_REJECTED_ENV = "TRAIN_KEEP_REJECTED"
+_BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 
 @dataclass(frozen=True)
@@ -94,6 +102,40 @@ async def claim_version(db: Database, settings: EngineSettings, kind: str, name:
     if name in taken or folder.exists():
         raise TrainingError(f"a model version named {name!r} (or its folder {folder}) already exists; choose another name")
     return name, folder
+
+
+def keep_rejected(env: Mapping[str, str] | None = None) -> bool:
+    """``TRAIN_KEEP_REJECTED``: keep a rejected version's files (its index is as large as the
+    active one's) so an admin can still activate it; off by default, its metrics stay in the database."""
+    raw = (env_str(os.environ if env is None else env, KEEP_REJECTED_ENV, "0") or "0").lower()
+    if raw not in _BOOLEANS:
+        raise ConfigError(f"{KEEP_REJECTED_ENV} must be 1 or 0, got {raw!r}")
+    return _BOOLEANS[raw]
+
+
+def remove_version_files(settings: EngineSettings, version: ModelVersion) -> bool:
+    """Delete the folder ``train/`` made for ``version`` (only that: never an index registered from
+    elsewhere); whether there was one. The row and its metrics stay."""
+    folder = version_dir(settings, version.name).resolve()
+    if not folder.is_dir() or not Path(version.index_dir).resolve().is_relative_to(folder):
+        return False
+    shutil.rmtree(folder)
+    return True
+
+
+def remove_partial_writes(settings: EngineSettings) -> list[Path]:
+    """Delete the half-written index folders (``models/<name>/index.tmp-*``) of runs that were killed,
+    and version folders left empty by that; only call it while holding the training lock."""
+    removed: list[Path] = []
+    if not settings.models_dir.is_dir():
+        return removed
+    for folder in settings.models_dir.iterdir():
+        if folder.is_dir() and not folder.is_symlink():
+            removed += remove_stale_tmp(folder / "index", min_age_s=0)
+            if not any(folder.iterdir()):
+                folder.rmdir()
+                removed.append(folder)
+    return removed
 
 
 def write_metrics(folder: Path, metrics: dict[str, Any]) -> None:

@@ -40,7 +40,8 @@ async def on_rollback(update: Update, context: FFContext) -> None:
         await message.reply_text("Usage: /rollback NAME (/models lists the versions)")
         return
     name = context.args[0]  # type: ignore[index]
-    await message.reply_text(await _switch(context.services, int(name) if name.isdigit() else name))
+    is_id = name.isascii() and name.isdigit()  # not "²": str.isdigit accepts digits int() refuses
+    await message.reply_text(await _switch(context.services, int(name) if is_id else name))
 
 
 async def on_reload(update: Update, context: FFContext) -> None:

@@ -3,6 +3,8 @@
 Callback data comes from the network, so nothing in it is trusted: it must parse as
 ``r:<id>:<±1>`` and the database refuses a recommendation that is not the presser's own.
 The keyboard is then redrawn from what the database holds, not from what was pressed.
+A press the database cannot store now (down, restarting, its file gone) is still answered:
+the shopper is asked to tap again, and the admins are told.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from telegram.ext import BaseHandler, CallbackQueryHandler
 
 from bot import texts
 from bot.context import FFContext
+from bot.handlers.errors import alert_admins, describe
 from bot.keyboards import RATING_PREFIX, items_from_keyboard, parse_rating, rating_keyboard
-from ffengine.db import FeedbackRefused
+from ffengine.db import FeedbackRefused, StorageUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,11 @@ async def on_rating(update: Update, context: FFContext) -> None:
     except FeedbackRefused as exc:
         log.info("rating refused for user %s: %s", query.from_user.id, exc.reason)
         await query.answer(texts.NOT_YOURS if exc.reason == "not_yours" else texts.EXPIRED, show_alert=True)
+        return
+    except StorageUnavailable as exc:
+        log.warning("rating of user %s not saved: %s", query.from_user.id, exc)
+        await query.answer(texts.NOT_SAVED, show_alert=True)
+        await alert_admins(context.application, f"Ratings are not being saved: {exc}", describe(update))
         return
     await query.answer(texts.RATED[result.value])
     message = query.message

@@ -26,10 +26,10 @@ from bot import texts
 from bot.album import send_album
 from bot.batcher import QueueFull
 from bot.context import BotServices, FFContext
-from bot.keyboards import RatingItem, rating_keyboard
+from bot.keyboards import RatingItem, rating_keyboard, without_links
 from ffengine.db import SearchRecord
 from ffengine.errors import ImageRejected
-from ffengine.images import load_image
+from ffengine.images import load_image, mib
 from ffengine.recommend import Recommendation
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ async def showing_upload(bot: Bot, chat_id: int) -> AsyncIterator[None]:
 
 async def download(bot: Bot, upload: Upload, limit: int) -> bytes:
     """The file's bytes, or :class:`Refused` when Telegram will not hand it over."""
-    too_large = Refused("too_large", texts.TOO_LARGE.format(limit=limit // (1024 * 1024)))
+    too_large = Refused("too_large", texts.TOO_LARGE.format(limit=mib(limit)))
     if upload.file_size is not None and upload.file_size > limit:
         raise too_large
     try:
@@ -166,7 +166,23 @@ async def _answer(context: FFContext, message: Message, recs: list[Recommendatio
         await message.reply_text(texts.NO_RESULTS)
         return
     items = [RatingItem(rank, rec_id, r.product.url) for rank, (rec_id, r) in enumerate(zip(record.recommendation_ids, recs, strict=True), 1)]
-    await context.bot.send_message(message.chat_id, texts.RESULTS, reply_markup=rating_keyboard(items))
+    await send_rating_keyboard(context.bot, message.chat_id, items)
+
+
+async def send_rating_keyboard(bot: Bot, chat_id: int, items: list[RatingItem]) -> None:
+    """The rating keyboard; sent again without link buttons if Telegram refuses it.
+
+    Links are checked before they are drawn (:func:`ffengine.catalog.is_linkable_url`), but
+    Telegram's rules for link buttons are its own: one refused link must not cost the
+    shopper the rating buttons.
+    """
+    try:
+        await bot.send_message(chat_id, texts.RESULTS, reply_markup=rating_keyboard(items))
+    except BadRequest as exc:
+        if all(item.url is None for item in items):
+            raise
+        log.warning("rating keyboard refused in chat %s (%s); sending it without links", chat_id, exc.message)
+        await bot.send_message(chat_id, texts.RESULTS, reply_markup=rating_keyboard(without_links(items)))
 
 
 async def _log_refusal(svc: BotServices, user_id: int, file_unique_id: str | None, started: float, outcome: str) -> None:

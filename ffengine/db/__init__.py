@@ -5,7 +5,7 @@ the one object callers use; see docs/ARCHITECTURE.md for the contract.
 """
 
 from ffengine.db.database import UNVERSIONED, Database
-from ffengine.db.errors import FeedbackRefused, NotFound, StorageError, TrainingBusy
+from ffengine.db.errors import FeedbackRefused, NotFound, StorageError, StorageUnavailable, TrainingBusy
 from ffengine.db.migrate import upgrade_to_head
 from ffengine.db.models import EMBEDDING_DIM
 from ffengine.db.records import (
@@ -37,6 +37,7 @@ __all__ = [
     "SearchRecord",
     "Stats",
     "StorageError",
+    "StorageUnavailable",
     "TrainingBusy",
     "TrainingRun",
     "UpsertResult",

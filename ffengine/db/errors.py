@@ -26,6 +26,11 @@ class FeedbackRefused(StorageError):
         self.reason = reason
 
 
+class StorageUnavailable(StorageError):
+    """The database cannot take the request now (server down, connection lost, file deleted
+    or replaced); nothing was written. Callers tell the person it was not saved."""
+
+
 class TrainingBusy(StorageError):
     """A training run is already marked running; ``run_id`` names it."""
 

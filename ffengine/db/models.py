@@ -200,3 +200,6 @@ class TrainingRun(Base):
     finished_at: Mapped[datetime | None]
     model_version_id: Mapped[int | None] = mapped_column(sa.ForeignKey("model_versions.id", ondelete="SET NULL"))
     metrics: Mapped[dict[str, Any] | None]
+    #: Where a person watches the run (the bot's status message: chat_id, message_id), so that
+    #: whoever finds the run interrupted can say so there.
+    progress_message: Mapped[dict[str, Any] | None]

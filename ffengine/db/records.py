@@ -124,3 +124,4 @@ class TrainingRun:
     finished_at: datetime | None
     model_version_id: int | None
     metrics: dict[str, Any] | None
+    progress_message: dict[str, Any] | None = None  # where a person watches it (see models.TrainingRun)

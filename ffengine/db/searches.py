@@ -135,7 +135,7 @@ class SearchLog(Store):
                 await session.flush()
             return RatingResult(recommendation_id, search_id, value, changed=previous != value, previous=previous)
 
-        return await self._write(write, retry_on_conflict=True)
+        return await self._write(write, retry_on_conflict=True, idempotent=True)  # the same press twice is one rating
 
     async def ratings_for_search(self, user_id: int, search_id: int) -> dict[int, int]:
         """The user's ratings on one search: recommendation id -> +1 / -1."""

@@ -5,7 +5,9 @@ Each public method is one transaction: ``_read`` for queries, ``_write`` for cha
 (SQLite "database is locked" after the busy timeout, PostgreSQL serialization failure
 or deadlock) and, where a method asks for it, when a unique constraint caught a race
 (then the retry takes the "row exists" path; other integrity errors are bugs and raise
-at once). So a write is never silently lost: it either commits or raises.
+at once). So a write is never silently lost: it either commits or raises. A database that
+cannot be reached (server down, connection dropped, SQLite file gone) raises
+:class:`~ffengine.db.errors.StorageUnavailable`, whatever the driver said.
 """
 
 from __future__ import annotations
@@ -15,19 +17,22 @@ import json
 import logging
 import math
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from ffengine.db.engine import WRITE_OPTION, is_transient, is_unique_violation
+from ffengine.db.engine import WRITE_OPTION, is_disconnect, is_transient, is_unique_violation, is_unreachable
+from ffengine.db.errors import StorageUnavailable
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 WRITE_ATTEMPTS = 6
 BACKOFF_S = 0.05
+BIGINT_MAX = 2**63 - 1  # the largest id a column (and the drivers) can hold
 
 
 class Store:
@@ -41,18 +46,20 @@ class Store:
         )
 
     async def _read(self, fn: Callable[[AsyncSession], Awaitable[T]]) -> T:
-        async with self._reader() as session, session.begin():
-            return await fn(session)
+        return await self._transaction(self._reader, fn, idempotent=True)
 
-    async def _write(self, fn: Callable[[AsyncSession], Awaitable[T]], *, retry_on_conflict: bool = False) -> T:
+    async def _write(
+        self, fn: Callable[[AsyncSession], Awaitable[T]], *, retry_on_conflict: bool = False, idempotent: bool = False
+    ) -> T:
         """Run ``fn`` in a write transaction, committed on return; retried on contention.
 
-        ``fn`` must only touch the database (it may run more than once).
+        ``fn`` must only touch the database (it may run more than once). ``idempotent``: running
+        it twice does what running it once does, so it is also retried on a dropped connection
+        (which may have committed it).
         """
         for attempt in range(1, WRITE_ATTEMPTS + 1):
             try:
-                async with self._writer() as session, session.begin():
-                    return await fn(session)
+                return await self._transaction(self._writer, fn, idempotent=idempotent)
             except OperationalError as err:
                 if attempt == WRITE_ATTEMPTS or not is_transient(err):
                     raise
@@ -63,6 +70,41 @@ class Store:
                 log.info("concurrent insert won a unique constraint (attempt %d), retrying", attempt)
             await asyncio.sleep(BACKOFF_S * 2 ** (attempt - 1) * (0.5 + random.random()))
         raise AssertionError("unreachable")
+
+    async def _transaction(
+        self, sessions: async_sessionmaker[AsyncSession], fn: Callable[[AsyncSession], Awaitable[T]], *, idempotent: bool
+    ) -> T:
+        """One transaction; an idempotent one runs once more when its connection turned out dead.
+
+        A server restart leaves every pooled connection dead; the pool pings each before use,
+        but a connection can still die between the ping and the statement. After the first
+        such failure the pool drops them all, so the second try gets a new one.
+        """
+        for attempt in (1, 2):
+            try:
+                with unreachable_as_unavailable():
+                    async with sessions() as session, session.begin():
+                        return await fn(session)
+            except StorageUnavailable as err:
+                if not (idempotent and attempt == 1 and is_disconnect(err.__cause__)):
+                    raise
+                log.warning("database connection lost (%s); retrying on a new one", err)
+        raise AssertionError("unreachable")
+
+
+@contextmanager
+def unreachable_as_unavailable() -> Iterator[None]:
+    """Re-raise "the database cannot be reached" as :class:`StorageUnavailable` (the driver's own
+    error, an ``OSError`` or a raw asyncpg one, is kept as its cause)."""
+    try:
+        yield
+    except StorageUnavailable:
+        raise
+    except Exception as err:
+        if not is_unreachable(err):
+            raise
+        detail = str(getattr(err, "orig", None) or err).strip() or type(err).__name__
+        raise StorageUnavailable(f"the database cannot be reached: {detail.splitlines()[0][:200]}") from err
 
 
 def short(value: Any, limit: int = 60) -> str:
@@ -80,7 +122,7 @@ def check_id(value: Any, what: str) -> int:
 
 def check_user_id(user_id: Any) -> int:
     check_id(user_id, "user_id")
-    if not 0 < user_id < 2**63:
+    if not 0 < user_id <= BIGINT_MAX:
         raise ValueError(f"user_id must be a positive 64-bit integer, got {user_id}")
     return user_id
 

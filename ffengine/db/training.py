@@ -34,6 +34,7 @@ def run_record(row: m.TrainingRun) -> TrainingRun:
         finished_at=row.finished_at,
         model_version_id=row.model_version_id,
         metrics=row.metrics,
+        progress_message=row.progress_message,
     )
 
 
@@ -56,16 +57,25 @@ async def require_run(session: AsyncSession, run_id: int) -> m.TrainingRun:
 
 
 class TrainingLog(Store):
-    async def start_training_run(self, kind: str, params: dict[str, Any]) -> int:
-        """Record a new running run and return its id; :class:`TrainingBusy` if one runs."""
+    async def start_training_run(
+        self, kind: str, params: dict[str, Any], progress_message: dict[str, Any] | None = None
+    ) -> int:
+        """Record a new running run and return its id; :class:`TrainingBusy` if one runs.
+
+        ``progress_message``: where a person watches the run (kept with it, e.g. the bot's
+        status message), so that the run can be reported there if its process dies.
+        """
         check_text(kind, "training kind", 32)
         params_json = to_json(params, "params")
+        message_json = to_json(progress_message, "progress_message")
 
         async def write(session: AsyncSession) -> int:
             busy = await running_run_id(session)
             if busy is not None:
                 raise TrainingBusy(busy)
-            row = m.TrainingRun(kind=kind, params=params_json, status="running", progress=0.0, log="")
+            row = m.TrainingRun(
+                kind=kind, params=params_json, status="running", progress=0.0, log="", progress_message=message_json
+            )
             session.add(row)
             await session.flush()
             return row.id

@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from ffengine.db import models as m
 from ffengine.db.errors import NotFound, StorageError
 from ffengine.db.records import ModelVersion
-from ffengine.db.store import Store, check_id, check_text, to_json
+from ffengine.db.store import BIGINT_MAX, Store, check_id, check_text, to_json
 
 
 def version_record(row: m.ModelVersion) -> ModelVersion:
@@ -33,7 +33,9 @@ async def find_version(session: AsyncSession, id_or_name: int | str) -> m.ModelV
     """By id (an int) or by name (a str; a name made of digits is still a name)."""
     if isinstance(id_or_name, str):
         return await session.scalar(select(m.ModelVersion).where(m.ModelVersion.name == id_or_name))
-    return await session.get(m.ModelVersion, check_id(id_or_name, "model version id"))
+    if abs(check_id(id_or_name, "model version id")) > BIGINT_MAX:  # no row has it; the driver could not even send it
+        return None
+    return await session.get(m.ModelVersion, id_or_name)
 
 
 async def require_version(session: AsyncSession, id_or_name: int | str) -> m.ModelVersion:
