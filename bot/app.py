@@ -10,6 +10,7 @@ background tasks and closes the database, so nothing is left half-written.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from telegram import BotCommand, BotCommandScopeChat, BotCommandScopeDefault
 from telegram.error import TelegramError
@@ -21,8 +22,10 @@ from bot.bootstrap import prepare
 from bot.config import BotSettings
 from bot.context import SERVICES, SETTINGS, BotServices, FFContext, Throttle
 from bot.handlers import admin, errors, help, privacy, rating, search
-from bot.models import ModelLoader, ModelSwitch
+from bot.models import ActiveModel, ModelLoader, ModelSwitch
 from bot.retrain import Retrainer, report_interrupted
+from ffengine.cli import package_version
+from ffengine.config import shown_url
 from ffengine.db import Database
 from train.runs import recover_interrupted
 
@@ -78,8 +81,21 @@ async def on_startup(app: Application) -> None:
         retrainer=Retrainer(app, db, models, settings),
         error_alerts=Throttle(settings.error_notify_interval_s),
     )
-    log.info("ready: model %s, %d products, admins %s", models.current.name, len(models.current.index), sorted(settings.admin_ids))
+    for line in startup_lines(settings, models.current):
+        log.info("%s", line)
     await publish_commands(app, settings.admin_ids)
+
+
+def startup_lines(settings: BotSettings, model: ActiveModel) -> list[str]:
+    """What a person checks first when the bot starts: which release, mode, database and data folder
+    (paths resolved, the password hidden), then which model answers and from which files."""
+    mode = settings.mode if settings.mode == "polling" else f"webhook {settings.webhook_url} (listening on {settings.webhook_listen}:{settings.webhook_port})"
+    index_dir = Path(model.index.path).resolve() if model.index.path else "in memory"
+    return [
+        f"FocusedFashion {package_version()}, {mode}; database {shown_url(settings.database_url)}; data folder {settings.engine.data_dir.resolve()}",
+        f"ready: model {model.name}, {len(model.index)} products (index {index_dir}; weights {model.embedder.source}, "
+        f"{model.embedder.runtime} on {model.embedder.device}); admins {', '.join(map(str, sorted(settings.admin_ids))) or 'none'}",
+    ]
 
 
 async def on_stop(app: Application) -> None:

@@ -3,7 +3,8 @@
 ``Database.open`` brings the schema to head; an index is built from ``FFENGINE_CATALOG``
 when ``FFENGINE_INDEX`` holds none; the pair (``FFENGINE_WEIGHTS``, index) is loaded, so a
 broken one stops start-up before it is recorded, then registered as the base model version
-and activated. Later runs find the active version and do nothing.
+and activated. Without ``FFENGINE_WEIGHTS`` the index's own weights file is used (the one it
+records). Later runs find the active version and do nothing.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ async def prepare(settings: BotSettings, db: Database, loader: ModelLoader) -> M
     if base is not None:  # registered before, deactivated since: take it back
         return await db.activate_model_version(base.id)
     index_dir = await ensure_index(settings, loader)
-    weights = settings.engine.weights
+    weights = settings.engine.with_index_weights(index_dir).weights
     if looks_like_path(weights):  # the version must not depend on the directory the bot starts in
         weights = str(Path(weights).expanduser().resolve())
     await asyncio.to_thread(loader.recommender, weights, index_dir)  # FFError for a corrupt index or wrong weights

@@ -41,6 +41,13 @@ def _http_url(env: Mapping[str, str], name: str, default: str | None = None) -> 
     return raw.rstrip("/")
 
 
+def _api_root(env: Mapping[str, str]) -> str:
+    """``TELEGRAM_API_URL`` as the server's root. ``http://host:8081/bot`` is accepted too: the Bot API's own
+    URLs start that way, so it is a natural way to write a local server's address (PTB adds ``/bot`` itself)."""
+    url = _http_url(env, "TELEGRAM_API_URL", DEFAULT_API_URL) or DEFAULT_API_URL
+    return url.removesuffix("/bot") if urlsplit(url).path.endswith("/bot") else url
+
+
 def _admin_ids(env: Mapping[str, str]) -> frozenset[int]:
     raw = env_str(env, "ADMIN_IDS", "") or ""
     ids: set[int] = set()
@@ -127,7 +134,7 @@ class BotSettings:
             engine=EngineSettings.from_env(env),
             database_url=database_url(env),
             admin_ids=_admin_ids(env),
-            api_url=_http_url(env, "TELEGRAM_API_URL", DEFAULT_API_URL),  # type: ignore[arg-type]
+            api_url=_api_root(env),
             mode=mode,  # type: ignore[arg-type]
             webhook_url=webhook_url,
             webhook_listen=env_str(env, "BOT_WEBHOOK_LISTEN", "127.0.0.1"),  # type: ignore[arg-type]

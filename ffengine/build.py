@@ -180,7 +180,7 @@ def build_index(
     ``leaf_size``...). Blocking: from async code use ``asyncio.to_thread``.
     Raises :class:`CatalogError` when nothing usable is left.
     """
-    from ffengine.index import write_index
+    from ffengine.index import weights_record, write_index
 
     started = time.perf_counter()
     result = embed_catalog(
@@ -198,6 +198,7 @@ def build_index(
         catalog_hash=report.catalog_hash,
         priors=priors,
         preprocess=embedder.preprocess.to_json(),
+        weights=weights_record(getattr(embedder, "source", "")),
         **index_options,
     )
     report.index_seconds = time.perf_counter() - index_started

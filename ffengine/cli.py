@@ -6,7 +6,10 @@
     ffengine db upgrade
 
 Settings come from the environment (and ``.env``): ``FFENGINE_WEIGHTS``, ``FFENGINE_DEVICE``,
-``FFENGINE_INDEX``, ``FFENGINE_DATA_DIR``, ``DATABASE_URL``; flags override them.
+``FFENGINE_INDEX``, ``FFENGINE_DATA_DIR``, ``DATABASE_URL``; flags override them. Without
+``--weights`` or ``FFENGINE_WEIGHTS``, ``recommend`` uses the weights file the index records.
+``recommend --json`` writes nothing but its JSON lines to stdout: whatever else prints
+(a library's download notice) goes to stderr.
 Exit codes: 0 success (``recommend``: at least one photo worked), 1 every photo failed,
 2 an error that stops the command (bad setting, missing weights or index, unwritable output),
 printed as one line without a traceback.
@@ -15,26 +18,52 @@ printed as one line without a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
 
-from ffengine.config import EngineSettings, check_device, check_runtime, database_url, load_dotenv_file
+from ffengine.config import DEFAULT_WEIGHTS, EngineSettings, check_device, check_runtime, database_url, load_dotenv_file, shown_url
 from ffengine.errors import FFError, ImageRejected
 from ffengine.index import BACKENDS, DEFAULT_BACKEND
 
+if TYPE_CHECKING:
+    from ffengine.index import Index
+
 #: Photos embedded per forward pass by ``recommend`` (bounds memory for long photo lists).
 RECOMMEND_BATCH = 32
+
+
+def program_name(module: str) -> str:
+    """The command as the user typed it, for usage lines: the console script's name, or
+    ``python -m MODULE`` (where Python's own default would say ``__main__.py``)."""
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return f"python -m {module}" if name in ("", "-c", "-m", "__main__.py") else name
+
+
+def package_version() -> str:
+    """The installed FocusedFashion version (``--version``, the bot's start-up line)."""
+    try:
+        return version("focusedfashion")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
+def add_version_flag(parser: argparse.ArgumentParser) -> None:
+    """``--version``: the program's name and :func:`package_version` (what a bug report needs first)."""
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
 
 
 def settings_from(args: argparse.Namespace) -> EngineSettings:
     """Environment settings with ``--weights`` / ``--device`` / ``--runtime`` / ``--index`` applied on top."""
     settings = EngineSettings.from_env()
     if getattr(args, "weights", None):
-        settings = replace(settings, weights=args.weights)
+        settings = replace(settings, weights=args.weights, weights_chosen=True)
     if getattr(args, "device", None):
         settings = replace(settings, device=check_device(args.device, "--device"))
     if getattr(args, "runtime", None):
@@ -78,18 +107,52 @@ def cmd_index_info(args: argparse.Namespace) -> int:
         space = Reduction(**recipe).label() if recipe else "a learned projection"
     except (TypeError, ValueError):
         space = "unknown projection recipe"
-    print(
-        f"{index.path}: {len(index)} products; model {index.fingerprint}; {m['dim']}-d features searched as "
-        f"{m['vector_dim']}-d ({space}); backend {index.backend} {index.options}; "
-        f"catalogue {str(m.get('catalog_hash', '?'))[:16]}; created {m.get('created', '?')}"
-    )
+    weights = m.get("weights") or {}
+    made_by = weights.get("path") or weights.get("url") or "not recorded (pass --weights to use this index)"
+    sha = f" (sha256 {weights['sha256']})" if "sha256" in weights else ""
+    lines = [
+        f"{Path(index.path or '.').resolve()}: {len(index)} products, created {m.get('created', '?')}",
+        f"  model      {index.fingerprint}; weights {made_by}{sha}",
+        f"  features   {m['dim']}-d, searched as {m['vector_dim']}-d ({space})",
+        f"  search     {search_in_effect(index)}",
+        f"  catalogue  {str(m.get('catalog_hash', '?'))[:16]}",
+    ]
+    print("\n".join(lines))
     return 0
+
+
+def search_in_effect(index: Index) -> str:
+    """The backend with its options as the loaded searcher uses them (``pq_subspaces`` counted, 0 = a float
+    scan; ``coarse_dims`` None = no shortlist), and what that means: small catalogues skip the codes or the
+    shortlist whatever the options say."""
+    from ffengine.index import BallTreeSearcher, PQSearcher, ShortlistSearcher
+
+    searcher, options = index.searcher, dict(index.options)
+    if isinstance(searcher, ShortlistSearcher):
+        dims, inner = searcher.coarse.out_dim, searcher.inner
+        codes = inner.index.M if isinstance(inner, PQSearcher) else 0
+        scan = f"{codes} 4-bit codes of" if codes else "a BallTree over" if isinstance(inner, BallTreeSearcher) else "a float scan of"
+        how = f"{searcher.shortlist} candidates from {scan} a {dims}-d PCA copy, re-ranked exactly"
+    else:
+        codes = 0
+        options.update({"coarse_dims": None} if "coarse_dims" in options else {})
+        how = "a BallTree over the vectors" if isinstance(searcher, BallTreeSearcher) else "an exact scan of every vector"
+    if "pq_subspaces" in options:
+        options["pq_subspaces"] = codes
+    return f"backend {index.backend} {', '.join(f'{k}={v}' for k, v in options.items()) or 'no options'}: {how}"
 
 
 # ---------------------------------------------------------------- recommend
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
+    """``recommend``: only our result lines reach stdout, anything else printed meanwhile goes to stderr."""
+    out = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        return recommend(args, out)
+
+
+def recommend(args: argparse.Namespace, out: TextIO) -> int:
     from ffengine.images import load_image
     from ffengine.index import Index
     from ffengine.recommend import Recommender, normalise_filters
@@ -97,7 +160,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
     if args.k < 1:
         raise FFError(f"--k must be at least 1, got {args.k}")
-    settings = settings_from(args)
+    settings = settings_from(args).with_index_weights()
     index = Index.load(settings.index_dir)
     recommender = Recommender(load_embedder(settings), index)
     filters = {name: value for name, value in (("category", args.category), ("gender", args.gender)) if value}
@@ -121,10 +184,10 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         classes = dict(zip(good, recommender.photo_classes(feats), strict=True)) if good else {}
         for photo in chunk:
             if photo in errors:
-                report_error(photo, errors[photo], args.json)
+                report_error(photo, errors[photo], args.json, out)
             else:
                 worked += 1
-                report_results(photo, results[photo], args.json, classes[photo])
+                report_results(photo, results[photo], args.json, classes[photo], out)
             if args.sheet:
                 sheet_rows.append(SheetRow(images.get(photo), Path(photo).name, results.get(photo, ()), errors.get(photo)))
     if args.sheet and sheet_rows:
@@ -133,8 +196,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     return 0 if worked else 1
 
 
-def report_results(photo: str, recs: Sequence, as_json: bool, classes: dict[str, list[dict[str, object]]]) -> None:
-    """One photo's results; ``classes`` (``{"category": [{"name", "p"}, ...], "kind": [...]}``) are what the priors saw."""
+def report_results(photo: str, recs: Sequence, as_json: bool, classes: dict[str, list[dict[str, object]]], out: TextIO) -> None:
+    """One photo's results on ``out``; ``classes`` (``{"category": [{"name", "p"}, ...], "kind": [...]}``) are what the priors saw."""
     if as_json:
         results = [
             {
@@ -148,17 +211,18 @@ def report_results(photo: str, recs: Sequence, as_json: bool, classes: dict[str,
             }
             for r in recs
         ]
-        print(json.dumps({"photo": photo, **{f"{name}_guess": top for name, top in classes.items()}, "results": results}, ensure_ascii=False), flush=True)
+        print(json.dumps({"photo": photo, **{f"{name}_guess": top for name, top in classes.items()}, "results": results}, ensure_ascii=False), file=out, flush=True)
         return
     guesses = "; ".join(f"{name}: " + ", ".join(f"{c['name']} {c['p']:.0%}" for c in top) for name, top in classes.items())
-    print(f"{photo}" + (f"  ({guesses})" if guesses else ""))
+    print(f"{photo}" + (f"  ({guesses})" if guesses else ""), file=out)
     for r in recs:
-        print(f"  {r.rank}. {r.product.title} [{r.product.category or '-'}]  distance {r.distance:.3f}  {r.product.url}")
+        print(f"  {r.rank}. {r.product.title} [{r.product.category or '-'}]  distance {r.distance:.3f}  {r.product.url}", file=out)
 
 
-def report_error(photo: str, message: str, as_json: bool) -> None:
+def report_error(photo: str, message: str, as_json: bool, out: TextIO) -> None:
+    """An unreadable photo: a JSON line on ``out`` with ``--json``, otherwise a line on stderr."""
     if as_json:
-        print(json.dumps({"photo": photo, "error": message}, ensure_ascii=False), flush=True)
+        print(json.dumps({"photo": photo, "error": message}, ensure_ascii=False), file=out, flush=True)
     else:
         print(f"{photo}: {message}", file=sys.stderr)
 
@@ -167,16 +231,12 @@ def report_error(photo: str, message: str, as_json: bool) -> None:
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+    from sqlalchemy.exc import SQLAlchemyError
 
     from ffengine.db.migrate import upgrade_to_head
 
     url = database_url()
-    try:
-        shown = make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        raise FFError("DATABASE_URL is not a valid SQLAlchemy URL") from None
+    shown = shown_url(url)
     try:
         upgrade_to_head(url)
     except (SQLAlchemyError, OSError) as exc:
@@ -189,15 +249,17 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- parser
 
 
-def add_model_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--weights", help="torchvision weights name or .pth file with JSON sidecar (default: $FFENGINE_WEIGHTS)")
+def add_model_flags(parser: argparse.ArgumentParser, otherwise: str = DEFAULT_WEIGHTS) -> None:
+    """``--weights`` (``otherwise``: what is used without it or $FFENGINE_WEIGHTS), ``--device``, ``--runtime``."""
+    parser.add_argument("--weights", help=f"torchvision weights name or .pth file with JSON sidecar (default: $FFENGINE_WEIGHTS, else {otherwise})")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: $FFENGINE_DEVICE or auto)")
     parser.add_argument("--runtime", help="CPU runtime: auto, openvino, onnx or torch (default: $FFENGINE_RUNTIME or auto)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ffengine", description="FocusedFashion engine: index a catalogue, recommend products for photos.")
+    parser = argparse.ArgumentParser(prog=program_name("ffengine"), description="FocusedFashion engine: index a catalogue, recommend products for photos.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    add_version_flag(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     index = commands.add_parser("index", help="build or inspect a product index")
@@ -207,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--out", required=True, type=Path, help="index directory to write (replaced atomically)")
     add_model_flags(build)
     build.add_argument("--backend", choices=BACKENDS, default=DEFAULT_BACKEND, help=f"search backend (default: {DEFAULT_BACKEND})")
-    build.add_argument("--pca", type=int, metavar="DIMS", help="PCA dimensions (0 = keep all 1280); default: the tuned reduction")
+    build.add_argument(
+        "--pca", type=int, metavar="DIMS", help="search a PCA of the features cut to DIMS dimensions (0: keep them all); default: no PCA, every dimension, L2-normalised"
+    )
     build.add_argument("--no-l2", action="store_true", help="with --pca: do not L2-normalise features first")
     build.add_argument("--cache", type=Path, help="embedding and remote-image cache directory (default: $FFENGINE_DATA_DIR/cache)")
     build.add_argument("--no-cache", action="store_true", help="do not read or write the embedding or remote-image cache")
@@ -226,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--sheet", type=Path, metavar="OUT.png", help="also draw a contact sheet: each photo beside its results")
     rec.add_argument("--category", help="only products of this catalogue category")
     rec.add_argument("--gender", help="only products for this gender")
-    add_model_flags(rec)
+    add_model_flags(rec, otherwise="the weights file the index records")
     rec.set_defaults(func=cmd_recommend)
 
     db = commands.add_parser("db", help="database maintenance")

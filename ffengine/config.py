@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 
@@ -24,12 +24,53 @@ FETCH_ALLOW = "FFENGINE_FETCH_ALLOW"
 _HOSTNAME = re.compile(r"(?=.{1,253}$)[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*")
 
 
-def load_dotenv_file(path: str | os.PathLike[str] = ".env") -> None:
-    """Load ``path`` into ``os.environ`` without overriding variables already set."""
+#: Settings that name a file or folder: a relative value in a ``.env`` file is relative to that file's folder.
+PATH_SETTINGS = ("FFENGINE_DATA_DIR", "FFENGINE_INDEX", "FFENGINE_CATALOG", "FFENGINE_EVAL_QUERIES")
+#: Settings that are a file or folder, or something else (a torchvision weights name): resolved when that file is there.
+MAYBE_PATH_SETTINGS = ("FFENGINE_WEIGHTS",)
+DOTENV = ".env"
+
+
+def find_dotenv_file(start: str | os.PathLike[str] | None = None) -> Path | None:
+    """The ``.env`` in ``start`` (default: the current folder) or the nearest folder above it, as git finds
+    its repository: a command run from a sub-folder of the project reads the project's settings."""
+    folder = Path(start or Path.cwd()).resolve()
+    for candidate in (folder, *folder.parents):
+        if (candidate / DOTENV).is_file():
+            return candidate / DOTENV
+    return None
+
+
+def load_dotenv_file(path: str | os.PathLike[str] | None = None) -> Path | None:
+    """Load ``path`` (default: :func:`find_dotenv_file`) into ``os.environ`` without overriding variables
+    already set; returns the file read, if any.
+
+    A relative path in it (``FFENGINE_DATA_DIR=data``) means relative to the file's folder, whichever
+    folder the command runs in, so it is stored resolved.
+    """
     from dotenv import load_dotenv
 
-    if Path(path).is_file():
-        load_dotenv(path, override=False)
+    file = Path(path) if path is not None else find_dotenv_file()
+    if file is None or not file.is_file():
+        return None
+    already = set(os.environ)
+    load_dotenv(file, override=False)
+    folder = file.resolve().parent
+    for name in (*PATH_SETTINGS, *MAYBE_PATH_SETTINGS, IMAGE_ROOTS):
+        value = env_str(os.environ, name)
+        if name not in already and value is not None:
+            os.environ[name] = resolve_setting(name, value, folder)
+    return file
+
+
+def resolve_setting(name: str, value: str, folder: Path) -> str:
+    """``value`` of the path setting ``name`` with relative paths taken from ``folder``."""
+    if name == IMAGE_ROOTS:
+        return os.pathsep.join(resolve_setting("", entry, folder) if entry.strip() else entry for entry in value.split(os.pathsep))
+    path = Path(value.strip()).expanduser()
+    if path.is_absolute() or (name in MAYBE_PATH_SETTINGS and not (folder / path).exists()):
+        return value
+    return str(folder / path)
 
 
 def env_str(env: Mapping[str, str], name: str, default: str | None = None) -> str | None:
@@ -147,6 +188,9 @@ class EngineSettings:
     """
 
     weights: str = DEFAULT_WEIGHTS
+    #: ``False`` when ``weights`` is only the default (no ``FFENGINE_WEIGHTS``, no ``--weights``): then the
+    #: weights an index records take its place (:meth:`with_index_weights`).
+    weights_chosen: bool = True
     index_dir: Path = Path("data/index")
     device: str = "auto"
     data_dir: Path = Path("data")
@@ -164,8 +208,10 @@ class EngineSettings:
         data_dir = Path(env_str(env, "FFENGINE_DATA_DIR", "data"))  # type: ignore[arg-type]
         index = env_str(env, "FFENGINE_INDEX")
         catalog = env_str(env, "FFENGINE_CATALOG")
+        weights = env_str(env, "FFENGINE_WEIGHTS")
         return cls(
-            weights=env_str(env, "FFENGINE_WEIGHTS", DEFAULT_WEIGHTS),  # type: ignore[arg-type]
+            weights=weights or DEFAULT_WEIGHTS,
+            weights_chosen=weights is not None,
             index_dir=Path(index) if index else data_dir / "index",
             device=check_device(env_str(env, "FFENGINE_DEVICE", "auto")),  # type: ignore[arg-type]
             data_dir=data_dir,
@@ -174,6 +220,20 @@ class EngineSettings:
             image_roots=env_image_roots(env),
             fetch_allow=env_fetch_allow(env),
         )
+
+    def with_index_weights(self, index_dir: Path | None = None) -> EngineSettings:
+        """These settings with the weights the index in ``index_dir`` (default: :attr:`index_dir`) was built
+        by, unless weights were chosen: an index knows its model, so using it needs no ``--weights``.
+
+        Unchanged when there is no index there or it records no weights file; raises
+        :class:`~ffengine.errors.WeightsError` when the recorded file has moved or changed.
+        """
+        if self.weights_chosen:
+            return self
+        from ffengine.index import recorded_weights  # numpy and the index code load only when needed
+
+        recorded = recorded_weights(self.index_dir if index_dir is None else index_dir)
+        return replace(self, weights=recorded) if recorded else self
 
     @property
     def cache_dir(self) -> Path:
@@ -196,3 +256,17 @@ def database_url(env: Mapping[str, str] | None = None) -> str:
         return url
     data_dir = Path(env_str(env, "FFENGINE_DATA_DIR", "data"))  # type: ignore[arg-type]
     return f"sqlite+aiosqlite:///{data_dir / 'focusedfashion.db'}"
+
+
+def shown_url(url: str) -> str:
+    """A database URL as logs and messages may show it: the password as ``***``.
+
+    Raises :class:`ConfigError` when ``url`` is not an SQLAlchemy URL.
+    """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        raise ConfigError("DATABASE_URL is not a valid SQLAlchemy URL") from None

@@ -40,7 +40,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ffengine.catalog import Product
-from ffengine.errors import FFError, IndexLoadError
+from ffengine.errors import FFError, IndexLoadError, WeightsError
 from ffengine.prior import Priors
 
 log = logging.getLogger(__name__)
@@ -535,12 +535,14 @@ def write_index(
     projection: Projection | Reduction | None = None,
     priors: Priors | None = None,
     preprocess: dict[str, Any] | None = None,
+    weights: dict[str, str] | None = None,
     **options: Any,
 ) -> Path:
     """Write an index directory atomically and return its path.
 
     ``priors`` (:func:`ffengine.prior.fit_priors`) are stored beside the vectors; ``preprocess``
-    (the model's, as JSON) is recorded so that an index made with other preprocessing is named as such.
+    (the model's, as JSON) is recorded so that an index made with other preprocessing is named as such;
+    ``weights`` (:func:`weights_record`) so that the index can be used without naming its weights again.
 
     ``projection`` is a fitted :class:`Projection`, a :class:`Reduction` to fit on
     ``features``, or ``None`` for :data:`DEFAULT_REDUCTION`. ``options`` are backend
@@ -596,6 +598,7 @@ def write_index(
             },
             "catalog_hash": catalog_hash,
             "preprocess": preprocess,
+            "weights": weights,
             "priors": priors.to_json() if priors is not None else None,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "files": {name: sha256_file(tmp / name) for name in (*arrays, PRODUCTS_FILE)},
@@ -731,6 +734,45 @@ def model_mismatch(where: str, index_fingerprint: str, index_preprocess: Any, mo
         f"Index {where} was built by another model (fingerprint {index_fingerprint}, the loaded model is {model_fingerprint}). "
         "Rebuild it with the same weights (`ffengine index build --weights ...`) or use the index made for these weights."
     )
+
+
+def weights_record(source: str) -> dict[str, str] | None:
+    """What a manifest records of the weights an index is built with (``Embedder.source``): a local
+    file's absolute path and sha256, a download's URL; ``None`` for anything else (a random init)."""
+    if source.startswith(("https://", "http://")):
+        return {"url": source}
+    path = Path(source).expanduser()
+    return {"path": str(path.resolve()), "sha256": sha256_file(path)} if path.is_file() else None
+
+
+def recorded_weights(path: Path) -> str | None:
+    """The weights spec for the index at ``path`` as its manifest records them: the file (checked to be
+    the one the index was built with) or the torchvision name of the download; ``None`` without an
+    index or a record. :class:`WeightsError` says which file is needed when it has moved or changed."""
+    if not (path / MANIFEST_FILE).is_file():
+        return None
+    record = read_manifest(path).get("weights")
+    if not isinstance(record, dict):
+        return None
+    if isinstance(record.get("url"), str):
+        return torchvision_name(record["url"])
+    file, digest = Path(str(record.get("path"))), record.get("sha256")
+    fix = (
+        "Point --weights FILE or FFENGINE_WEIGHTS at that file (a copy with its .json sidecar will do), "
+        "or rebuild the index with `ffengine index build --weights FILE`."
+    )
+    if not file.is_file():
+        raise WeightsError(f"Index {path} was built with the weights file {file} (sha256 {digest}), which is not there any more. {fix}")
+    if sha256_file(file) != digest:
+        raise WeightsError(f"Index {path} was built with the weights file {file} (sha256 {digest}), which has changed since. {fix}")
+    return str(file)
+
+
+def torchvision_name(url: str) -> str | None:
+    """The torchvision weights name (``IMAGENET1K_V2``) that downloads from ``url``, if any."""
+    from torchvision.models import MobileNet_V2_Weights
+
+    return next((w.name for w in MobileNet_V2_Weights if w.url == url), None)
 
 
 def read_manifest(path: Path) -> dict[str, Any]:

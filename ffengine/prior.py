@@ -42,6 +42,8 @@ CATEGORY_WEIGHT = 0.05
 KIND_WEIGHT = 0.5
 #: L2 penalty of the category prior's softmax regression, per feature weight (chosen with the weights).
 CATEGORY_L2 = 1e-4
+#: L-BFGS steps of the category prior: stopping early regularises it (and keeps the build fast).
+CATEGORY_ITERATIONS = 20
 #: Share of the catalogue held out to report the category prior's accuracy.
 HOLDOUT_SHARE = 0.1
 
@@ -86,7 +88,6 @@ def fit_head(
     l2: float,
     sample_weight: np.ndarray | None = None,
     max_iter: int = 60,
-    init: LinearHead | None = None,
 ) -> LinearHead:
     """Softmax regression by L-BFGS: ``feats (n, D)``, ``targets`` class ids ``(n,)`` or distributions ``(n, C)``.
 
@@ -100,10 +101,8 @@ def fit_head(
     t = torch.from_numpy(np.asarray(targets))
     t = torch.nn.functional.one_hot(t.long(), c).float() if t.ndim == 1 else t.float()
     sw = torch.ones(len(x)) if sample_weight is None else torch.from_numpy(np.asarray(sample_weight, np.float32))
-    w = torch.zeros(x.shape[1], c) if init is None else torch.from_numpy(init.weight.copy())
-    b = torch.zeros(c) if init is None else torch.from_numpy(init.bias.copy())
-    w.requires_grad_(True)
-    b.requires_grad_(True)
+    w = torch.zeros(x.shape[1], c, requires_grad=True)
+    b = torch.zeros(c, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
@@ -266,12 +265,11 @@ def fit_category_prior(
     labelled = np.array([i for i, c in enumerate(cats) if c])
     y = np.array([index.get(cats[i], len(frequent)) for i in labelled])
     x = features[labelled]
-    rng = np.random.default_rng(seed)
-    held = rng.random(len(labelled)) < HOLDOUT_SHARE if len(labelled) >= 50 else np.zeros(len(labelled), bool)
-    head = fit_head(x[~held], y[~held], classes, l2=CATEGORY_L2)
+    # Held out from the well-stocked classes only, so that every category still teaches the fit.
+    well_stocked = np.array([counts[cats[i]] >= 10 for i in labelled])
+    held = (np.random.default_rng(seed).random(len(labelled)) < HOLDOUT_SHARE) & well_stocked
+    head = fit_head(x[~held], y[~held], classes, l2=CATEGORY_L2, max_iter=CATEGORY_ITERATIONS)
     accuracy = float((head.log_proba(x[held]).argmax(1) == y[held]).mean()) if held.any() else None
-    if held.any():  # the held-out rows teach too, once they have been scored
-        head = fit_head(x, y, classes, l2=CATEGORY_L2, init=head, max_iter=15)
     dist = np.zeros((len(groups), len(classes)), np.float32)
     for g, name in enumerate(groups):
         if name in counts:

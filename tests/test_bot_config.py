@@ -48,6 +48,21 @@ def test_values_are_read() -> None:
     assert s.secrets() == [TOKEN, "s3cret_-X"]
 
 
+@pytest.mark.parametrize(
+    ("written", "root"),
+    [
+        ("http://127.0.0.1:8081/bot", "http://127.0.0.1:8081"),  # as the Bot API's own URLs start
+        ("http://127.0.0.1:8081/bot/", "http://127.0.0.1:8081"),
+        ("https://proxy.example/telegram/bot", "https://proxy.example/telegram"),
+        ("http://bot:8081", "http://bot:8081"),  # a host named bot is left alone
+        ("http://127.0.0.1:8081/robot", "http://127.0.0.1:8081/robot"),
+    ],
+)
+def test_api_url_is_the_root_with_or_without_bot(written: str, root: str) -> None:
+    s = settings(TELEGRAM_API_URL=written)
+    assert s.api_url == root and s.api_base_url == f"{root}/bot" and s.file_base_url == f"{root}/file/bot"
+
+
 def test_missing_token_says_how_to_get_one() -> None:
     with pytest.raises(ConfigError) as err:
         BotSettings.from_env({"TELEGRAM_BOT_TOKEN": "  "})

@@ -103,7 +103,8 @@ def test_settings_from_a_dotenv_file_filters_and_human_output(store: Path, tmp_p
     (tmp_path / "q.jpg").write_bytes(make_image(4))
     proc = run("recommend", "--category", "shirts", "q.jpg", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines()[0] == "q.jpg"
+    photo_line = proc.stdout.splitlines()[0]  # the photo, then what the category prior thinks it shows
+    assert photo_line.startswith("q.jpg  (category: ") and "Shirts" in photo_line and "Jeans" in photo_line
     shown = [line for line in proc.stdout.splitlines() if line.startswith("  ")]
     assert len(shown) == GOOD // 2 and all("[Shirts]" in line and "https://shop.example/sku" in line for line in shown)
     assert [line.split(".")[0].strip() for line in shown] == ["1", "2", "3"]
@@ -158,7 +159,7 @@ def test_errors_are_one_clear_line(
 def test_unwritable_sheet_is_one_clear_line(store: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["recommend", "--index", "idx", "--weights", "model-a.pth", "--device", "cpu", "--sheet", "products.csv/s.png", "images/1.jpg"]
     code, out, err = in_process(argv, store, monkeypatch, capsys)
-    assert code == 2 and out.startswith("images/1.jpg\n  1. Shirt number 1")
+    assert code == 2 and out.startswith("images/1.jpg  (category: ") and "\n  1. Shirt number 1 [Shirts]" in out
     assert len(err.strip().splitlines()) == 1 and err.startswith("ffengine: error: ") and "products.csv" in err
 
 
@@ -194,3 +195,123 @@ def test_console_script_is_installed() -> None:
         pytest.skip("the ffengine console script is not installed in this environment (pip install -e .)")
     proc = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "recommend" in proc.stdout and "index" in proc.stdout
+
+
+def test_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip().endswith(version("focusedfashion"))
+    with pytest.raises(SystemExit) as done:
+        main(["index", "build", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert done.value.code == 0 and "default: no PCA, every dimension" in text and "tuned" not in text
+
+
+@pytest.fixture
+def own_weights(store: Path, tmp_path: Path) -> Path:
+    """A copy of the store's index whose manifest records a weights file of its own (which tests may move)."""
+    from ffengine.index import weights_record, write_index
+
+    for suffix in (".pth", ".json"):
+        (tmp_path / f"w{suffix}").write_bytes((store / f"model-a{suffix}").read_bytes())
+    built = Index.load(store / "idx")
+    write_index(
+        tmp_path / "idx", built.features, built.products, fingerprint=built.fingerprint, catalog_hash="copy",
+        preprocess=built.manifest["preprocess"], weights=weights_record(str(tmp_path / "w.pth")),
+    )  # fmt: skip
+    (tmp_path / "q.jpg").write_bytes(make_image(4))
+    return tmp_path
+
+
+def test_the_index_remembers_its_weights(own_weights: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """No --weights, no FFENGINE_WEIGHTS: the file the index records (no download of torchvision's weights)."""
+    from ffengine.index import sha256_file
+
+    code, out, err = in_process(["index", "info", "idx"], own_weights, monkeypatch, capsys)
+    assert code == 0 and f"weights {own_weights / 'w.pth'} (sha256 {sha256_file(own_weights / 'w.pth')})" in out
+    code, out, err = in_process(["recommend", "--index", "idx", "--device", "cpu", "--json", "q.jpg"], own_weights, monkeypatch, capsys)
+    assert code == 0 and len(json.loads(out)["results"]) == 5, err
+
+
+def test_moved_or_changed_weights_are_named_with_the_way_to_point_at_them(
+    own_weights: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ffengine.index import sha256_file
+
+    weights = own_weights / "w.pth"
+    digest = sha256_file(weights)
+    argv = ["recommend", "--index", "idx", "--device", "cpu", "q.jpg"]
+    weights.rename(own_weights / "moved.pth")
+    code, out, err = in_process(argv, own_weights, monkeypatch, capsys)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert f"{weights} (sha256 {digest}), which is not there any more" in err and "--weights FILE or FFENGINE_WEIGHTS" in err
+    (own_weights / "moved.pth").rename(own_weights / "moved-again.pth")  # pointing at the moved file works
+    (own_weights / "moved-again.json").write_bytes((own_weights / "w.json").read_bytes())
+    code, out, err = in_process([*argv[:-1], "--weights", "moved-again.pth", "q.jpg"], own_weights, monkeypatch, capsys)
+    assert code == 0 and out.startswith("q.jpg"), err
+    weights.write_bytes((own_weights / "moved-again.pth").read_bytes() + b"\0")
+    code, out, err = in_process(argv, own_weights, monkeypatch, capsys)
+    assert code == 2 and f"{weights} (sha256 {digest}), which has changed since" in err and "FFENGINE_WEIGHTS" in err
+
+
+def test_recommend_json_stdout_is_only_json_lines(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What libraries print (torch's "Downloading: ..."), warnings and unreadable photos stay off stdout."""
+    import shutil
+
+    from ffengine.embedder import Embedder
+
+    load = Embedder.load
+
+    def noisy_load(*args: object, **kwargs: object) -> Embedder:
+        print('Downloading: "https://download.pytorch.org/models/x.pth" to /root/.cache/x.pth')
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(Embedder, "load", staticmethod(noisy_load))
+    shutil.copytree(store / "idx", tmp_path / "idx.old")  # only the copy an interrupted update left: a logged warning
+    (tmp_path / "q.jpg").write_bytes(make_image(4))
+    (tmp_path / "broken.jpg").write_bytes(make_image(5)[:200])
+    argv = ["recommend", "--index", "idx", "--weights", str(store / "model-a.pth"), "--device", "cpu", "--json", "q.jpg", "broken.jpg", "nope.jpg"]
+    code, out, err = in_process(argv, tmp_path, monkeypatch, capsys)
+    assert code == 0 and "Downloading" in err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [line["photo"] for line in lines] == ["q.jpg", "broken.jpg", "nope.jpg"]
+    assert "results" in lines[0] and "error" in lines[1] and "error" in lines[2]
+
+
+def test_index_info_shows_the_search_in_effect(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Default options name no code size (``pq_subspaces`` None): info says what the loaded index uses."""
+    from ffengine.catalog import Product
+    from ffengine.index import PQ_MIN_ROWS, write_index
+
+    n = PQ_MIN_ROWS + 10
+    feats = np.random.default_rng(0).standard_normal((n, 1280)).astype(np.float32)
+    products = [Product(f"p{i}", f"Product {i}", None, f"/img/{i}.jpg") for i in range(n)]
+    write_index(tmp_path / "big", feats, products, fingerprint="random-init", catalog_hash="random")
+    code, out, _ = in_process(["index", "info", "big"], tmp_path, monkeypatch, capsys)
+    assert code == 0 and "pq_subspaces=None" not in out and "pq_subspaces=64" in out and "64 4-bit codes of a 128-d PCA copy" in out
+    code, out, _ = in_process(["index", "info", str(store / "idx")], tmp_path, monkeypatch, capsys)
+    assert code == 0 and "pq_subspaces=0" in out and "exact scan" in out  # too few products for codes or a shortlist
+
+
+def test_dotenv_paths_are_relative_to_its_folder(store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """``FFENGINE_DATA_DIR=data`` in the project's .env finds the project's data from any sub-folder."""
+    import shutil
+    from unittest import mock
+
+    shutil.copytree(store / "idx", tmp_path / "data" / "index")
+    (tmp_path / ".env").write_text("FFENGINE_DATA_DIR=data\n")
+    (tmp_path / "sub" / "deeper").mkdir(parents=True)
+    for name in [k for k in os.environ if k.startswith("FFENGINE_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path / "sub" / "deeper")
+    with mock.patch.dict(os.environ):  # what main() loads from .env goes away after the test
+        code = main(["index", "info"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert out.startswith(f"{tmp_path / 'data' / 'index'}: {GOOD} products")

@@ -153,3 +153,28 @@ def test_finetune_without_labelled_photos_is_registered_but_not_activated(store:
     assert result["status"] == "unevaluated" and "rollback" in result["reason"]
     versions = last_json(cli(store, db, "models", "--json"))["versions"]
     assert [(v["name"], v["active"]) for v in versions] == [("base", True), (result["version"], False)]
+
+
+def test_without_ffengine_weights_the_index_weights_are_used(store: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """The index records the file it was built with; train registers that, not torchvision's default."""
+    db = tmp_path / "ff.db"
+    for name in [k for k in os.environ if k.startswith("FFENGINE_")]:
+        monkeypatch.delenv(name)
+    for name, value in settings_env(store, db).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("FFENGINE_WEIGHTS")
+    monkeypatch.chdir(tmp_path)
+    assert main(["feedback", "--json"]) == 0, capsys.readouterr().err  # nothing rated: registers the base version only
+    assert main(["models", "--json"]) == 0
+    versions = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["versions"]
+    assert [(v["name"], v["weights"]) for v in versions] == [("base", str(store / "base.pth"))]
+
+
+def test_usage_names_the_command_as_typed() -> None:
+    proc = subprocess.run([sys.executable, "-m", "train", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: python -m train ")
+    script = Path(sys.executable).with_name("ffengine-train")
+    if script.exists():  # the console script (pip install -e .)
+        env = {**os.environ, "PYTHONPATH": str(REPO)}  # this checkout's code, whatever the install points at
+        proc = subprocess.run([str(script), "--help"], env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and proc.stdout.startswith("usage: ffengine-train ")

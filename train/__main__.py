@@ -2,7 +2,7 @@
 
 Settings come from the environment (and ``.env``): ``FFENGINE_WEIGHTS``, ``FFENGINE_INDEX``,
 ``FFENGINE_DEVICE``, ``FFENGINE_DATA_DIR``, ``DATABASE_URL``, ``FFENGINE_EVAL_QUERIES``,
-``TRAIN_KEEP_REJECTED``.
+``TRAIN_KEEP_REJECTED``. Without ``FFENGINE_WEIGHTS`` the weights file ``FFENGINE_INDEX`` records is used.
 Progress goes to stderr, a summary to stdout; ``--json`` adds one JSON object as the
 last line of stdout. A problem a person can fix prints one line and exits with 2.
 """
@@ -21,9 +21,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from ffengine.cli import program_name
 from ffengine.config import EngineSettings, database_url, env_str, load_dotenv_file
 from ffengine.errors import FFError
 from train.labels import DEFAULT_ATTRIBUTES
+
+#: Commands that load weights (the others only read the database): without FFENGINE_WEIGHTS, the index's own.
+LOADS_A_MODEL = ("finetune", "feedback", "simulate")
 
 
 def progress_printer() -> Callable[[float, str], None]:
@@ -54,7 +58,7 @@ def share(value: str) -> float:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train", description="Fine-tune, retrain from feedback, simulate, list and roll back model versions.")
+    p = argparse.ArgumentParser(prog=program_name("train"), description="Fine-tune, retrain from feedback, simulate, list and roll back model versions.")
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(cmd: argparse.ArgumentParser, *, db: bool = True) -> None:
@@ -119,6 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         settings = EngineSettings.from_env()
+        if args.command in LOADS_A_MODEL:
+            settings = settings.with_index_weights()
         url = args.database_url or database_url()
         return COMMANDS[args.command](args, settings, url)
     except FFError as exc:

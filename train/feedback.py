@@ -134,7 +134,8 @@ async def _retrain(db: Database, settings: EngineSettings, opts: FeedbackOptions
     learn_seconds = time.perf_counter() - learn_started
     projection = compose(index.projection, a)
     candidate = await asyncio.to_thread(
-        Index, index.features, index.products, fingerprint=index.fingerprint, projection=projection, backend=index.backend, options=index.options
+        Index, index.features, index.products, fingerprint=index.fingerprint, projection=projection, backend=index.backend, options=index.options,
+        priors=index.priors,  # the priors read backbone features, which feedback does not change: kept as they are
     )
     before, after = await asyncio.to_thread(
         lambda: (pairwise_accuracy(index.projection, index.features, held), pairwise_accuracy(projection, index.features, held))
@@ -229,6 +230,9 @@ def _write_version(folder: Path, candidate: Index, parent: Index, metrics: dict[
         catalog_hash=str(parent.manifest.get("catalog_hash", "")),
         backend=candidate.backend,
         projection=candidate.projection,
+        priors=candidate.priors,
+        preprocess=parent.manifest.get("preprocess"),
+        weights=parent.manifest.get("weights"),
         **candidate.options,
     )
     write_metrics(folder, {**metrics, "kind": KIND, "parent": current.name, "weights": current.weights})

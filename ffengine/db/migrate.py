@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,7 @@ from ffengine.db.engine import WRITE_OPTION, async_url, make_engine
 from ffengine.errors import ConfigError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 # Alembic's ``context`` proxy is process-global: two migrations interleaved in one process
 # (two Database.open at once) would clobber each other, so one runs at a time.
@@ -97,9 +99,13 @@ async def upgrade_engine(engine: AsyncEngine) -> None:
     """Upgrade through the app's own engine (same pragmas, one write transaction)."""
 
     def upgrade(connection: Connection) -> None:
+        before = revision_of(connection)
         cfg = alembic_config()
         cfg.attributes["connection"] = connection
         command.upgrade(cfg, "head")
+        after = revision_of(connection)
+        if after != before:  # one line instead of Alembic's own (quieted by the bot): what changed
+            log.info("database schema upgraded from %s to %s", before or "empty", after)
 
     while not _MIGRATING.acquire(blocking=False):  # never block the event loop
         await asyncio.sleep(0.02)
