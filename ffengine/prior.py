@@ -37,8 +37,9 @@ NO_GROUP = ""
 MIN_CLASS_COUNT = 2
 #: Class that pools the rare categories.
 RARE_CLASS = "(rare)"
-#: Strength of each prior in the ranking, chosen on train + validation photos (bench/quality.py).
-CATEGORY_WEIGHT = 0.05
+#: Strength of each prior in the ranking, chosen on train + validation photos (bench/quality.py); the
+#: category term stays small beside a kind head, where it still tells a bag from a watch ("other" to the head).
+CATEGORY_WEIGHT = 0.02
 KIND_WEIGHT = 0.5
 #: L2 penalty of the category prior's softmax regression, per feature weight (chosen with the weights).
 CATEGORY_L2 = 1e-4

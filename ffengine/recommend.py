@@ -25,6 +25,8 @@ if TYPE_CHECKING:  # torch is only needed once a photo is embedded
 
 #: Features closer than this (relative to their length) count as the same picture.
 DUPLICATE_TOLERANCE = 1e-4
+#: Candidates the index's shortlist gives the prior ranking (its bound on everything else).
+PRIOR_SHORTLIST = 400
 #: With a filter that keeps less than this share of the catalogue, search its rows exactly instead of over-fetching.
 SUBSET_SHARE = 0.25
 
@@ -145,30 +147,31 @@ class Recommender:
     def prior_candidates(self, q: np.ndarray, bonus: np.ndarray, fetch: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """The ``fetch`` best rows by ``-d^2/2 + bonus[group]``, as ``(ranking distance (c,), rows (c,))``, best first.
 
-        Groups are searched exactly, highest bonus first, and the walk stops once even the most
-        similar product in the catalogue could not enter the ``fetch`` best from the next group.
+        The index's own shortlist gives the :data:`PRIOR_SHORTLIST` most similar products, scored
+        exactly; no product outside it is more similar than its last. A group is then searched in
+        full only while that bound plus the group's bonus could still enter the ``fetch`` best,
+        highest bonus first, so a confident prior costs one or two group searches and a flat one none.
         The ranking distance is ``d^2/2 - bonus``: for L2-normalised vectors, cosine distance minus the bonus.
         """
-        d0, _ = self.index.search(q[None, :], 1)
-        best_sim = -0.5 * float(d0[0, 0]) ** 2  # the most similar product overall: no group can do better
-        rows_found: list[np.ndarray] = []
-        scores_found: list[np.ndarray] = []
-        threshold = -np.inf
+        group = self.index.priors.product_group  # type: ignore[union-attr]
+        d, ix = self.index.search(q[None, :], min(PRIOR_SHORTLIST, len(self.index)))
+        d, ix = d[0].astype(np.float64), ix[0]
+        floor = -0.5 * d[-1] ** 2 if len(ix) < len(self.index) else -np.inf
+        keep = allowed[ix] if allowed is not None else np.ones(len(ix), bool)
+        rows_found, scores_found = [ix[keep]], [-0.5 * d[keep] ** 2 + bonus[group[ix[keep]]]]
+        threshold = fetch_best(scores_found, fetch)
         for g in np.argsort(-bonus, kind="stable"):
-            if best_sim + bonus[g] < threshold:
+            if floor + bonus[g] < threshold:
                 break  # groups come in falling bonus order: none after this one can make it either
             rows = self._group_rows[g] if allowed is None else self._group_rows[g][allowed[self._group_rows[g]]]
             if len(rows) == 0:
                 continue
-            d, ix = self.index.search_rows(q[None, :], rows, fetch)
-            rows_found.append(ix[0])
-            scores_found.append(-0.5 * d[0].astype(np.float64) ** 2 + float(bonus[g]))
-            found = np.concatenate(scores_found)
-            if len(found) >= fetch:
-                threshold = float(np.partition(found, len(found) - fetch)[len(found) - fetch])
-        if not rows_found:
-            return np.zeros(0, np.float32), np.zeros(0, np.int64)
-        scores, rows = np.concatenate(scores_found), np.concatenate(rows_found)
+            dg, ig = self.index.search_rows(q[None, :], rows, fetch)
+            rows_found.append(ig[0])
+            scores_found.append(-0.5 * dg[0].astype(np.float64) ** 2 + float(bonus[g]))
+            threshold = fetch_best(scores_found, fetch)
+        rows, first = np.unique(np.concatenate(rows_found), return_index=True)  # a row found twice has one exact score
+        scores = np.concatenate(scores_found)[first]
         order = np.lexsort((rows, -scores))[:fetch]
         return (-scores[order]).astype(np.float32), rows[order]
 
@@ -230,3 +233,9 @@ class Recommender:
         others = feats[kept]  # (len(kept), d): one vectorised comparison per candidate
         gaps = np.linalg.norm(others - feats[row], axis=1)
         return bool((gaps <= DUPLICATE_TOLERANCE * np.maximum(np.linalg.norm(others, axis=1), 1e-6)).any())
+
+
+def fetch_best(scores: list[np.ndarray], fetch: int) -> float:
+    """The ``fetch``-th best score found so far (``-inf`` while fewer are known): what a candidate must beat."""
+    found = np.concatenate(scores)
+    return float(np.partition(found, len(found) - fetch)[len(found) - fetch]) if len(found) >= fetch else -np.inf

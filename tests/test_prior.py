@@ -58,10 +58,12 @@ def test_fit_reports_classes_and_heldout_accuracy_and_learns_the_clusters() -> N
     assert [row["category"][0]["name"] for row in top] == CATS and all(row["category"][0]["p"] > 0.5 for row in top)
 
 
-def test_ranking_with_priors_is_exactly_the_best_scores(tmp_path: Path) -> None:
-    feats, prods, _ = store()
-    priors = fit_priors(feats, [p.category for p in prods], category_weight=0.3)
-    index = Index(feats, prods, fingerprint="fp", projection=Reduction(None, True).fit(feats), priors=priors)
+@pytest.mark.parametrize(("n", "weight"), [(400, 0.3), (2000, 0.3), (2000, 0.02)])
+def test_ranking_with_priors_is_exactly_the_best_scores(n: int, weight: float) -> None:
+    """Small: the shortlist holds every product; larger: groups beyond the shortlist's bound are searched."""
+    feats, prods, _ = store(n)
+    priors = fit_priors(feats, [p.category for p in prods], category_weight=weight)
+    index = Index(feats, prods, fingerprint="fp", projection=Reduction(None, True).fit(feats), backend="exact", priors=priors)
     rec = Recommender(FeatureOnly(), index)  # type: ignore[arg-type]
     queries = np.random.default_rng(5).normal(size=(20, DIM)).astype(np.float32) * 2
     for q, got in zip(queries, rec.recommend_features(queries, k=7), strict=True):
