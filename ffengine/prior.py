@@ -17,8 +17,7 @@ Heads read L2-normalised backbone features. Everything is plain arrays + JSON (n
 
 from __future__ import annotations
 
-import json
-import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,6 @@ from typing import Any
 
 import numpy as np
 
-log = logging.getLogger(__name__)
 
 #: ``P`` below this counts as this (keeps ``log`` finite for groups a head never predicts).
 PROB_FLOOR = 1e-6
@@ -225,12 +223,14 @@ def fit_priors(
     """
     cats = [(c or "").strip() for c in categories]
     kinds = kind_head.proba(features) if kind_head is not None else None
-    keys = [c if c else (f"kind:{kind_head.classes[int(kinds[i].argmax())]}" if kinds is not None else NO_GROUP) for i, c in enumerate(cats)]  # type: ignore[union-attr]
+    shown = [f"kind:{kind_head.classes[int(i)]}" for i in kinds.argmax(axis=1)] if kind_head is not None and kinds is not None else [NO_GROUP] * len(cats)
+    keys = [c or guess for c, guess in zip(cats, shown, strict=True)]
     groups = tuple(sorted(set(keys)))
-    product_group = np.array([groups.index(k) for k in keys], np.int32) if len(groups) > 1 else np.zeros(len(keys), np.int32)
+    position = {g: i for i, g in enumerate(groups)}
+    product_group = np.fromiter((position[k] for k in keys), np.int32, len(keys))
     terms: list[Prior] = []
     info: dict[str, Any] = {}
-    if sum(1 for c in set(cats) if c and cats.count(c) >= min_class_count) >= 2:
+    if sum(1 for n in Counter(c for c in cats if c).values() if n >= min_class_count) >= 2:
         term, info["category"] = fit_category_prior(features, cats, groups, product_group, category_weight, min_class_count, seed)
         terms.append(term)
     if kind_head is not None and kinds is not None:
@@ -256,10 +256,7 @@ def fit_category_prior(
     Categories with fewer than ``min_class_count`` pictures share :data:`RARE_CLASS`; products
     without a category are not fitted on and their group gets the mean prediction of its pictures.
     """
-    counts: dict[str, int] = {}
-    for c in cats:
-        if c:
-            counts[c] = counts.get(c, 0) + 1
+    counts = Counter(c for c in cats if c)
     frequent = sorted(c for c, n in counts.items() if n >= min_class_count)
     classes = frequent + ([RARE_CLASS] if len(frequent) < len(counts) else [])
     index = {c: i for i, c in enumerate(frequent)}
