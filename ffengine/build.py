@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from PIL import Image
@@ -48,7 +48,10 @@ from ffengine.fetch import Fetcher, FetchError, FetchSettings, redact_url
 from ffengine.httpcache import HttpCache
 from ffengine.images import MAX_BYTES, load_image, read_image_bytes
 from ffengine.prior import describe as describe_priors
-from ffengine.prior import fit_priors
+from ffengine.prior import LinearHead, fit_priors
+
+if TYPE_CHECKING:  # torch comes with the weights; the build only reads the record
+    from ffengine.weights import Preprocess
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,14 @@ class FeatureExtractor(Protocol):
     def prepare(self, images: Sequence[Image.Image]) -> np.ndarray: ...
 
     def embed_arrays(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+class Model(FeatureExtractor, Protocol):
+    """What :func:`build_index` records beside the features: how pictures were fed, which weights, which head."""
+
+    preprocess: Preprocess
+    source: str
+    kind_head: LinearHead | None
 
 
 @dataclass
@@ -163,7 +174,7 @@ class EmbeddedCatalog:
 def build_index(
     catalog_path: str | os.PathLike[str] | CatalogReadResult,
     out_dir: str | os.PathLike[str],
-    embedder: FeatureExtractor,
+    embedder: Model,
     *,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
@@ -188,7 +199,7 @@ def build_index(
     )
     report = result.report
     index_started = time.perf_counter()
-    priors = fit_priors(result.features, [p.category for p in result.products], kind_head=getattr(embedder, "kind_head", None))
+    priors = fit_priors(result.features, [p.category for p in result.products], kind_head=embedder.kind_head)
     report.priors = priors.info if priors is not None else {}
     report.out_dir = write_index(
         out_dir,
@@ -198,7 +209,7 @@ def build_index(
         catalog_hash=report.catalog_hash,
         priors=priors,
         preprocess=embedder.preprocess.to_json(),
-        weights=weights_record(getattr(embedder, "source", "")),
+        weights=weights_record(embedder.source),
         **index_options,
     )
     report.index_seconds = time.perf_counter() - index_started

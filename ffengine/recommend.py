@@ -116,7 +116,8 @@ class Recommender:
             return [[] for _ in feats]
         if self.index.priors is not None:
             bonus = self.index.priors.bonus(feats)  # (m, G)
-            return [self.ranked(q, b, k, plan) for q, b in zip(feats, bonus, strict=True)]
+            near = self.index.search(feats, min(PRIOR_SHORTLIST, len(self.index)))  # one batched search, the bound's source
+            return [self.ranked(feats[i], bonus[i], (near[0][i], near[1][i]), k, plan) for i in range(len(feats))]
         dist, idx = self.candidates(feats, plan.fetch, plan)  # one batched search for every query
         out = []
         for i, q in enumerate(feats):
@@ -133,29 +134,33 @@ class Recommender:
         priors = self.index.priors
         return priors.top_classes(as_features(feats, self.index.dim, "query features"), k) if priors else [{} for _ in feats]
 
-    def ranked(self, q: np.ndarray, bonus: np.ndarray, k: int, plan: SearchPlan) -> list[Recommendation]:
-        """Up to ``k`` products by similarity plus their group's prior bonus, duplicates collapsed."""
+    def ranked(self, q: np.ndarray, bonus: np.ndarray, near: tuple[np.ndarray, np.ndarray], k: int, plan: SearchPlan) -> list[Recommendation]:
+        """Up to ``k`` products by similarity plus their group's prior bonus, duplicates collapsed.
+
+        ``near``: the query's :data:`PRIOR_SHORTLIST` nearest rows ``(dist (s,), rows (s,))``, nearest first.
+        """
         allowed = plan.mask if plan.rows is None else self._rows_mask(plan.rows)
         fetch = plan.fetch
         while True:
-            dist, idx = self.prior_candidates(q, bonus, fetch, allowed)
+            dist, idx = self.prior_candidates(q, bonus, near, fetch, allowed)
             picked = self.collapse(dist, idx, k, None)
             if len(picked) >= k or fetch >= plan.limit:
                 return picked
             fetch = min(fetch * 4, plan.limit)
 
-    def prior_candidates(self, q: np.ndarray, bonus: np.ndarray, fetch: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    def prior_candidates(
+        self, q: np.ndarray, bonus: np.ndarray, near: tuple[np.ndarray, np.ndarray], fetch: int, allowed: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """The ``fetch`` best rows by ``-d^2/2 + bonus[group]``, as ``(ranking distance (c,), rows (c,))``, best first.
 
-        The index's own shortlist gives the :data:`PRIOR_SHORTLIST` most similar products, scored
+        ``near``, from the index's own shortlist, gives the :data:`PRIOR_SHORTLIST` most similar products, scored
         exactly; no product outside it is more similar than its last. A group is then searched in
         full only while that bound plus the group's bonus could still enter the ``fetch`` best,
         highest bonus first, so a confident prior costs one or two group searches and a flat one none.
         The ranking distance is ``d^2/2 - bonus``: for L2-normalised vectors, cosine distance minus the bonus.
         """
         group = self.index.priors.product_group  # type: ignore[union-attr]
-        d, ix = self.index.search(q[None, :], min(PRIOR_SHORTLIST, len(self.index)))
-        d, ix = d[0].astype(np.float64), ix[0]
+        d, ix = near[0].astype(np.float64), near[1]
         floor = -0.5 * d[-1] ** 2 if len(ix) < len(self.index) else -np.inf
         keep = allowed[ix] if allowed is not None else np.ones(len(ix), bool)
         rows_found, scores_found = [ix[keep]], [-0.5 * d[keep] ** 2 + bonus[group[ix[keep]]]]
