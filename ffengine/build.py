@@ -47,6 +47,7 @@ from ffengine.errors import CatalogError, ImageRejected
 from ffengine.fetch import Fetcher, FetchError, FetchSettings, redact_url
 from ffengine.httpcache import HttpCache
 from ffengine.images import MAX_BYTES, load_image, read_image_bytes
+from ffengine.items import COLOUR_BINS, colour_histogram
 from ffengine.prior import describe as describe_priors
 from ffengine.prior import LinearHead, fit_priors
 
@@ -57,6 +58,8 @@ log = logging.getLogger(__name__)
 
 #: Images per forward pass.
 BATCH_SIZE = 32
+#: Bump when :func:`ffengine.items.colour_histogram` changes, so cached histograms are not reused.
+COLOUR_CACHE_VERSION = 1
 #: What an admin should read for each kind of rejected image (``ImageRejected.reason``).
 IMAGE_FAULTS = {
     "not_found": "image file not found",
@@ -74,6 +77,7 @@ class FeatureExtractor(Protocol):
 
     fingerprint: str
     dim: int
+    preprocess: Preprocess
 
     def prepare(self, images: Sequence[Image.Image]) -> np.ndarray: ...
 
@@ -83,7 +87,6 @@ class FeatureExtractor(Protocol):
 class Model(FeatureExtractor, Protocol):
     """What :func:`build_index` records beside the features: how pictures were fed, which weights, which head."""
 
-    preprocess: Preprocess
     source: str
     kind_head: LinearHead | None
 
@@ -163,9 +166,11 @@ def _problem_json(problem: Problem) -> dict[str, object]:
 
 @dataclass(frozen=True)
 class EmbeddedCatalog:
-    """Features ``(n, dim)`` float32 row-aligned with ``products`` and their images' sha256."""
+    """Features ``(n, dim)`` float32 and colour histograms ``(n, COLOUR_BINS)`` float16, row-aligned
+    with ``products``, and their images' sha256."""
 
     features: np.ndarray
+    colours: np.ndarray
     products: list[Product]
     image_hashes: list[str]
     report: BuildReport = field(repr=False)
@@ -199,7 +204,7 @@ def build_index(
     )
     report = result.report
     index_started = time.perf_counter()
-    priors = fit_priors(result.features, [p.category for p in result.products], kind_head=embedder.kind_head)
+    priors = fit_priors(result.features, [p.category for p in result.products], kind_head=embedder.kind_head, colours=result.colours)
     report.priors = priors.info if priors is not None else {}
     report.out_dir = write_index(
         out_dir,
@@ -271,6 +276,7 @@ async def aembed_catalog(
     else:
         read = await asyncio.to_thread(read_catalog, catalog, limit=limit)
     cache = EmbeddingCache(cache_dir, embedder.fingerprint, embedder.dim) if cache_dir is not None else None
+    colour_cache = EmbeddingCache(cache_dir, colour_cache_name(embedder.preprocess), COLOUR_BINS) if cache_dir is not None else None
     http_cache = HttpCache.beside(cache_dir) if cache_dir is not None else None
     fetch = fetch or FetchSettings.from_env()
     inline = _embeds_inline(embedder)
@@ -279,7 +285,7 @@ async def aembed_catalog(
     pool = ThreadPoolExecutor(workers, thread_name_prefix="ff-decode")
     model = ThreadPoolExecutor(1, thread_name_prefix="ff-embed")
     try:
-        run = _Run(read, embedder, cache, http_cache, fetch, pool, model, batch_size, progress)
+        run = _Run(read, embedder, (cache, colour_cache), http_cache, fetch, pool, model, batch_size, progress)
         await run.go(in_flight=max(2 * batch_size, 4 * workers, fetch.concurrency))
     finally:  # all work is done unless we are failing; never wait for threads on the loop
         pool.shutdown(wait=False, cancel_futures=True)
@@ -294,6 +300,7 @@ async def aembed_catalog(
     products = [read.products[i] for i in keep]
     hashes = [run.hashes[i] for i in keep]
     features = np.ascontiguousarray(run.features[keep]) if len(keep) < len(read.products) else run.features
+    colours = np.ascontiguousarray(run.colours[keep]) if len(keep) < len(read.products) else run.colours
     digest = await asyncio.to_thread(catalog_hash, products, hashes)
     seconds = time.perf_counter() - started
     report = BuildReport(
@@ -311,7 +318,14 @@ async def aembed_catalog(
         catalog=read.path,
         warnings=warnings,
     )
-    return EmbeddedCatalog(features, products, hashes, report)
+    return EmbeddedCatalog(features, colours, products, hashes, report)
+
+
+def colour_cache_name(preprocess: Preprocess) -> str:
+    """Colour histograms depend on the network input only: models fed the same way share them."""
+    from ffengine.weights import preprocess_digest  # with torch, which the embedder has imported already
+
+    return f"colours{COLOUR_CACHE_VERSION}-{preprocess_digest(preprocess)}"
 
 
 def catalog_hash(products: Sequence[Product], image_hashes: Sequence[str]) -> str:
@@ -344,7 +358,7 @@ class _Run:
         self,
         read: CatalogReadResult,
         embedder: FeatureExtractor,
-        cache: EmbeddingCache | None,
+        caches: tuple[EmbeddingCache | None, EmbeddingCache | None],
         http_cache: HttpCache | None,
         fetch: FetchSettings,
         pool: ThreadPoolExecutor,
@@ -354,7 +368,7 @@ class _Run:
     ) -> None:
         self.read = read
         self.embedder = embedder
-        self.cache = cache
+        self.cache, self.colour_cache = caches
         self.http_cache = http_cache
         self.fetch = fetch
         self.pool = pool
@@ -363,6 +377,7 @@ class _Run:
         self.inline = _embeds_inline(embedder)
         n = len(read.products)
         self.features = np.zeros((n, embedder.dim), dtype=np.float32)
+        self.colours = np.zeros((n, COLOUR_BINS), dtype=np.float16)
         self.hashes: list[str] = [""] * n
         self.failures: dict[int, Problem] = {}
         self.embedded = self.cached = self.downloaded = self.revalidated = 0
@@ -405,7 +420,7 @@ class _Run:
                 source: str | bytes = await fetcher.get(product.image)
             else:
                 source = product.image
-            digest, feature, pixels, fresh = await loop.run_in_executor(self.pool, self._inspect, source)
+            digest, feature, colour, pixels, fresh = await loop.run_in_executor(self.pool, self._inspect, source)
         except (ImageRejected, FetchError) as exc:
             self.failures[i] = Problem(self.read.lines[i], product.id, _describe(exc, product))
             self.bar.update()
@@ -419,33 +434,40 @@ class _Run:
         else:
             self.cached += 1
         self.features[i] = feature
+        self.colours[i] = colour
         self.bar.update()
 
-    def _inspect(self, source: str | bytes) -> tuple[str, np.ndarray | None, np.ndarray | None, bool]:
-        """Worker thread: bytes -> ``(sha256, feature, pixels, embedded now)``.
+    def _inspect(self, source: str | bytes) -> tuple[str, np.ndarray | None, np.ndarray, np.ndarray | None, bool]:
+        """Worker thread: bytes -> ``(sha256, feature, colour histogram, pixels, embedded now)``.
 
-        A cached feature comes back as is. Otherwise the picture is decoded and prepared, and
-        either embedded right here (:attr:`inline`: one picture per worker thread, no hand-off)
-        or its pixels go back for the model thread's next batch (``feature`` is then ``None``).
+        A cached feature and colour come back as they are. Otherwise the picture is decoded and
+        prepared, its colour histogram taken, and it is either embedded right here (:attr:`inline`:
+        one picture per worker thread, no hand-off) or its pixels go back for the model thread's
+        next batch (``feature`` is then ``None``).
         """
         data = source if isinstance(source, bytes) else read_image_bytes(source, MAX_BYTES)
         digest = content_hash(data)
-        if self.cache is not None:
-            cached = self.cache.get(digest)
-            if cached is not None:
-                return digest, cached, None, False
+        cached = self.cache.get(digest) if self.cache is not None else None
+        colour = self.colour_cache.get(digest) if self.colour_cache is not None else None
+        if cached is not None and colour is not None:
+            return digest, cached, colour, None, False
         image = load_image(data)
         try:
             pixels = self.embedder.prepare([image])[0]
         except Exception as exc:  # a decoded picture the resizer still chokes on: skip it, but say so loudly
             log.exception("cannot prepare a decoded image (sha256 %s)", digest)
             raise ImageRejected(f"cannot prepare the image ({type(exc).__name__}: {str(exc)[:100]})", "unpreparable") from None
+        colour = colour_histogram(pixels)
+        if self.colour_cache is not None:
+            self.colour_cache.put(digest, colour)
+        if cached is not None:
+            return digest, cached, colour, None, False
         if not self.inline:
-            return digest, None, pixels, True
+            return digest, None, colour, pixels, True
         feature = self.embedder.embed_arrays(pixels[None], on_caller_thread=True)[0]  # type: ignore[call-arg]
         if self.cache is not None:
             self.cache.put(digest, feature)
-        return digest, feature, None, True
+        return digest, feature, colour, None, True
 
     async def _embed(self, digest: str, pixels: np.ndarray) -> np.ndarray:
         """Queue one prepared image for the next batch and wait for its feature."""

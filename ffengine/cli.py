@@ -2,7 +2,7 @@
 
     ffengine index build --catalog products.csv --out data/index [--weights FILE] [--device cpu]
     ffengine index info [DIR]
-    ffengine recommend --index data/index [--k 5] [--json] [--sheet sheet.png] photo.jpg ...
+    ffengine recommend --index data/index [--k 5] [--json] [--items] [--sheet sheet.png] photo.jpg ...
     ffengine db upgrade
 
 Settings come from the environment (and ``.env``): ``FFENGINE_WEIGHTS``, ``FFENGINE_DEVICE``,
@@ -33,7 +33,12 @@ from ffengine.errors import FFError, ImageRejected
 from ffengine.index import BACKENDS, DEFAULT_BACKEND
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from ffengine.index import Index
+    from ffengine.items import Item
+    from ffengine.recommend import Recommendation
+    from ffengine.sheet import SheetRow
 
 #: Photos embedded per forward pass by ``recommend`` (bounds memory for long photo lists).
 RECOMMEND_BATCH = 32
@@ -156,7 +161,6 @@ def recommend(args: argparse.Namespace, out: TextIO) -> int:
     from ffengine.images import load_image
     from ffengine.index import Index
     from ffengine.recommend import Recommender, normalise_filters
-    from ffengine.sheet import SheetRow, contact_sheet
 
     if args.k < 1:
         raise FFError(f"--k must be at least 1, got {args.k}")
@@ -168,7 +172,9 @@ def recommend(args: argparse.Namespace, out: TextIO) -> int:
         recommender.filter_mask(normalise_filters(filters))  # refuse an unknown filter before any work
     except ValueError as exc:
         raise FFError(str(exc)) from None
-    sheet_rows = []
+    if args.items and (index.priors is None or index.priors.category_head is None):
+        raise FFError(f"--items needs an index whose catalogue has categories; {settings.index_dir} has none")
+    sheet_rows: list[SheetRow] = []
     worked = 0
     for start in range(0, len(args.photos), RECOMMEND_BATCH):
         chunk = args.photos[start : start + RECOMMEND_BATCH]
@@ -178,45 +184,82 @@ def recommend(args: argparse.Namespace, out: TextIO) -> int:
                 images[photo] = load_image(photo)
             except ImageRejected as exc:
                 errors[photo] = str(exc)
-        good = list(images)
-        feats = recommender.embedder.embed([images[p] for p in good]) if good else None
-        results = dict(zip(good, recommender.recommend_features(feats, args.k, filters), strict=True)) if good else {}
-        classes = dict(zip(good, recommender.photo_classes(feats), strict=True)) if good else {}
+        answers = dict(zip(images, recommender.answer_photos(list(images.values()), args.k, filters), strict=True)) if images else {}
         for photo in chunk:
             if photo in errors:
                 report_error(photo, errors[photo], args.json, out)
-            else:
-                worked += 1
-                report_results(photo, results[photo], args.json, classes[photo], out)
-            if args.sheet:
-                sheet_rows.append(SheetRow(images.get(photo), Path(photo).name, results.get(photo, ()), errors.get(photo)))
+                sheet_rows.append(sheet_row(None, photo, (), errors[photo]))
+                continue
+            worked += 1
+            answer = answers[photo]
+            items = [(item, recommender.recommend_item(images[photo], item, args.k)[1]) for item in answer.items] if args.items else []
+            classes = recommender.photo_classes(answer.features[None])[0]
+            report_results(photo, answer.recommendations, args.json, classes, items, out)
+            sheet_rows.append(sheet_row(images[photo], photo, answer.recommendations, None, [item for item, _ in items]))
+            sheet_rows += [sheet_row(images[photo], photo, recs, None, [item]) for item, recs in items]
     if args.sheet and sheet_rows:
+        from ffengine.sheet import contact_sheet
+
         path = contact_sheet(sheet_rows, args.sheet, k=args.k)
         print(f"contact sheet: {path}", file=sys.stderr)
     return 0 if worked else 1
 
 
-def report_results(photo: str, recs: Sequence, as_json: bool, classes: dict[str, list[dict[str, object]]], out: TextIO) -> None:
-    """One photo's results on ``out``; ``classes`` (``{"category": [{"name", "p"}, ...], "kind": [...]}``) are what the priors saw."""
+def sheet_row(
+    image: Image.Image | None, photo: str, recs: Sequence[Recommendation], error: str | None, items: Sequence[Item] = ()
+) -> SheetRow:
+    """A contact-sheet row; with one item, the row shows that item's box and results."""
+    from ffengine.sheet import SheetRow
+
+    if len(items) == 1:
+        caption = f"{items[0].category} {items[0].probability:.0%} in {Path(photo).name}"
+    else:
+        caption = Path(photo).name
+    return SheetRow(image, caption, recs, error, boxes=[(item.box, item.category) for item in items])
+
+
+def results_json(recs: Sequence[Recommendation]) -> list[dict[str, object]]:
+    return [
+        {
+            "id": r.product.id,
+            "title": r.product.title,
+            "url": r.product.url,
+            "image": r.product.image,
+            "category": r.product.category,
+            "rank": r.rank,
+            "distance": round(r.distance, 6),
+        }
+        for r in recs
+    ]
+
+
+def report_results(
+    photo: str,
+    recs: Sequence[Recommendation],
+    as_json: bool,
+    classes: dict[str, list[dict[str, object]]],
+    items: Sequence[tuple[Item, Sequence[Recommendation]]],
+    out: TextIO,
+) -> None:
+    """One photo's results on ``out``; ``classes`` (``{"category": [{"name", "p"}, ...], "kind": [...]}``) are what
+    the priors saw; ``items`` the ``(Item, results)`` of ``--items``."""
     if as_json:
-        results = [
-            {
-                "id": r.product.id,
-                "title": r.product.title,
-                "url": r.product.url,
-                "image": r.product.image,
-                "category": r.product.category,
-                "rank": r.rank,
-                "distance": round(r.distance, 6),
-            }
-            for r in recs
-        ]
-        print(json.dumps({"photo": photo, **{f"{name}_guess": top for name, top in classes.items()}, "results": results}, ensure_ascii=False), file=out, flush=True)
+        line: dict[str, object] = {"photo": photo, **{f"{name}_guess": top for name, top in classes.items()}, "results": results_json(recs)}
+        if items:
+            line["items"] = [{**item.to_json(), "results": results_json(found)} for item, found in items]
+        print(json.dumps(line, ensure_ascii=False), file=out, flush=True)
         return
     guesses = "; ".join(f"{name}: " + ", ".join(f"{c['name']} {c['p']:.0%}" for c in top) for name, top in classes.items())
     print(f"{photo}" + (f"  ({guesses})" if guesses else ""), file=out)
+    print_results(recs, "  ", out)
+    for item, found in items:
+        print(f"  item: {item.category} ({item.probability:.0%}), box {item.box}", file=out)
+        print_results(found, "    ", out)
+
+
+def print_results(recs: Sequence[Recommendation], indent: str, out: TextIO) -> None:
     for r in recs:
-        print(f"  {r.rank}. {r.product.title} [{r.product.category or '-'}]  distance {r.distance:.3f}  {r.product.url}", file=out)
+        print(f"{indent}{r.rank}. {r.product.title} [{r.product.category or '-'}]  distance {r.distance:.3f}  {r.product.url}", file=out)
 
 
 def report_error(photo: str, message: str, as_json: bool, out: TextIO) -> None:
@@ -287,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--index", help="index directory (default: $FFENGINE_INDEX or $FFENGINE_DATA_DIR/index)")
     rec.add_argument("--k", type=int, default=5, help="results per photo (default 5)")
     rec.add_argument("--json", action="store_true", help='one JSON object per photo and line: {"photo", "results"} or {"photo", "error"}')
+    rec.add_argument(
+        "--items", action="store_true", help='also find the garments in each photo and search each one ("items": category, probability, box, results)'
+    )
     rec.add_argument("--sheet", type=Path, metavar="OUT.png", help="also draw a contact sheet: each photo beside its results")
     rec.add_argument("--category", help="only products of this catalogue category")
     rec.add_argument("--gender", help="only products for this gender")

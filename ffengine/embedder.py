@@ -48,6 +48,8 @@ class CompiledRunner(Protocol):
 
     def run_here(self, batch: np.ndarray) -> np.ndarray: ...
 
+    def with_maps(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
 
 def pick_device(device: str = "auto") -> torch.device:
     """``auto`` -> CUDA if available, else CPU; anything else as given, if this machine has it."""
@@ -164,6 +166,16 @@ class Embedder:
             if not on_caller_thread or isinstance(runner, TorchRunner):
                 return np.ascontiguousarray(runner(batch), dtype=np.float32)
         return np.ascontiguousarray(runner.run_here(batch), dtype=np.float32)
+
+    def embed_with_maps(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
+        """RGB pictures -> ``(n, 1280)`` features and the ``(n, 1280, h, w)`` float32 feature maps they pool
+        (where :mod:`ffengine.items` looks for garments). For a shopper's photo or two: a map is large."""
+        batch = self.prepare(images)
+        with self._lock:
+            if self._watch is not None and self._tensor_version() != self._exported_version:
+                self._compile()
+            feats, fmap = self._runner.with_maps(batch)
+        return np.ascontiguousarray(feats, dtype=np.float32), np.ascontiguousarray(fmap, dtype=np.float32)
 
     def embed(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
         """RGB pictures -> ``(n, 1280)`` C-contiguous float32 features, in input order."""

@@ -137,6 +137,16 @@ class Priors:
     product_group: np.ndarray  # (n,) int32 row -> group
     terms: tuple[Prior, ...]
     info: dict[str, Any]  # what the build reports (classes, held-out accuracy)
+    colours: np.ndarray | None = None  # (n, B) float16 colour histograms of the products' pictures (ffengine.items)
+
+    def __post_init__(self) -> None:
+        if self.colours is not None and (self.colours.ndim != 2 or len(self.colours) != len(self.product_group)):
+            raise ValueError(f"colour histograms {self.colours.shape} do not fit {len(self.product_group)} products")
+
+    @property
+    def category_head(self) -> LinearHead | None:
+        """The store-category classifier (what finds a photo's items), if the catalogue has categories."""
+        return next((t.head for t in self.terms if t.name == "category"), None)
 
     def bonus(self, feats: np.ndarray) -> np.ndarray:
         """``(m, D)`` -> ``(m, G)``: what each group adds to a product's similarity."""
@@ -165,6 +175,8 @@ class Priors:
 
     def arrays(self) -> dict[str, np.ndarray]:
         files = {"prior_groups.npy": self.product_group.astype(np.int32)}
+        if self.colours is not None:
+            files["prior_colours.npy"] = self.colours.astype(np.float16)
         for term in self.terms:
             files[f"prior_{term.name}_weight.npy"] = term.head.weight
             files[f"prior_{term.name}_bias.npy"] = term.head.bias
@@ -176,6 +188,7 @@ class Priors:
             "groups": list(self.groups),
             "terms": [{"name": t.name, "classes": list(t.head.classes), "weight": t.weight} for t in self.terms],
             "info": self.info,
+            "colours": self.colours is not None,
         }
 
     @classmethod
@@ -193,11 +206,12 @@ class Priors:
             if dist.shape != (len(groups), len(head.classes)):
                 raise ValueError(f"prior_{name}_groups.npy is {dist.shape}, expected {(len(groups), len(head.classes))}")
             terms.append(Prior(name, head, dist, float(entry["weight"])))
-        return cls(groups, product_group.astype(np.int32), tuple(terms), dict(meta.get("info") or {}))
+        colours = np.asarray(read("prior_colours.npy"), np.float16) if meta.get("colours") else None
+        return cls(groups, product_group.astype(np.int32), tuple(terms), dict(meta.get("info") or {}), colours)
 
     @staticmethod
     def file_names(meta: dict[str, Any]) -> list[str]:
-        names = ["prior_groups.npy"]
+        names = ["prior_groups.npy", *(["prior_colours.npy"] if meta.get("colours") else [])]
         for entry in meta["terms"]:
             names += [f"prior_{entry['name']}_{part}.npy" for part in ("weight", "bias", "groups")]
         return names
@@ -215,11 +229,13 @@ def fit_priors(
     kind_weight: float = KIND_WEIGHT,
     min_class_count: int = MIN_CLASS_COUNT,
     seed: int = 0,
+    colours: np.ndarray | None = None,
 ) -> Priors | None:
     """The priors a catalogue supports: ``None`` when it has no category column and no kind head is given.
 
     Groups are the categories; a product without one is grouped by the kind its picture shows
-    (with a kind head) or left in :data:`NO_GROUP`.
+    (with a kind head) or left in :data:`NO_GROUP`. ``colours`` (the pictures' histograms) are kept
+    with them: with the category head they make a photo's items searchable (:mod:`ffengine.items`).
     """
     cats = [(c or "").strip() for c in categories]
     kinds = kind_head.proba(features) if kind_head is not None else None
@@ -239,7 +255,7 @@ def fit_priors(
         info["kind"] = {"classes": len(kind_head.classes)}
     if not terms:
         return None
-    return Priors(groups, product_group, tuple(terms), info)
+    return Priors(groups, product_group, tuple(terms), info, colours)
 
 
 def fit_category_prior(

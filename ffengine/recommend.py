@@ -8,8 +8,10 @@ collapse into the first (nearest) one.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections import Counter
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -19,6 +21,7 @@ from ffengine.catalog import Product
 from ffengine.errors import IndexLoadError
 from ffengine.images import ImageSource, load_image
 from ffengine.index import Index, as_features, model_mismatch
+from ffengine.items import COLOUR_WEIGHT, Item, colour_histogram, colour_match, find_items, with_margin
 
 if TYPE_CHECKING:  # torch is only needed once a photo is embedded
     from ffengine.embedder import Embedder
@@ -29,6 +32,12 @@ DUPLICATE_TOLERANCE = 1e-4
 PRIOR_SHORTLIST = 400
 #: With a filter that keeps less than this share of the catalogue, search its rows exactly instead of over-fetching.
 SUBSET_SHARE = 0.25
+#: Candidates an item search takes from its category by the features alone, before colour re-ranks them.
+ITEM_SHORTLIST = 200
+#: An item's search widens from its category to the category's family (``sub_category``) below this many products.
+MIN_ITEM_PRODUCTS = 20
+#: The catalogue column that names a category's family, where a store has one.
+FAMILY_FIELD = "sub_category"
 
 Filters = Mapping[str, str | Collection[str]]
 #: Product fields a caller may filter on; a catalogue's extra columns (e.g. ``master_category``) work too.
@@ -82,6 +91,15 @@ class SearchPlan:
         return cls(None, allowed, n, min(k * 8 + 16, n))
 
 
+@dataclass(frozen=True)
+class PhotoAnswer:
+    """A shopper's photo answered: its ``(1280,)`` features, the products, and the items it shows (most likely first)."""
+
+    features: np.ndarray
+    recommendations: list[Recommendation]
+    items: list[Item]
+
+
 class Recommender:
     """Embedder + index made by the same model; refuses a pair that does not match."""
 
@@ -95,6 +113,7 @@ class Recommender:
         self.index = index
         self._group_rows = index.priors.group_rows() if index.priors is not None else []
         self._masks: dict[tuple[tuple[str, frozenset[str]], ...], np.ndarray] = {}
+        self._families: dict[str, str] | None = None
 
     def recommend(self, image: Image.Image | ImageSource, k: int = 5, filters: Filters | None = None) -> list[Recommendation]:
         """One picture (PIL image, bytes or path) -> up to ``k`` recommendations.
@@ -128,6 +147,74 @@ class Recommender:
                 picked = self.collapse(d[0], ix[0], k, plan.mask)
             out.append(picked)
         return out
+
+    def answer_photos(self, images: Sequence[Image.Image], k: int = 5, filters: Filters | None = None) -> list[PhotoAnswer]:
+        """Pictures -> for each, ``k`` products for the whole photo and its likely items (blocking model work)."""
+        feats, maps = self.embedder.embed_with_maps(images)
+        recs = self.recommend_features(feats, k, filters)
+        head = self.index.priors.category_head if self.index.priors is not None else None
+        if head is None:
+            return [PhotoAnswer(f, r, []) for f, r in zip(feats, recs, strict=True)]
+        proba = head.proba(feats)
+        return [
+            PhotoAnswer(feats[i], recs[i], find_items(head, proba[i], maps[i], *img.size)) for i, img in enumerate(images)
+        ]
+
+    def recommend_item(self, image: Image.Image, item: Item, k: int = 5) -> tuple[np.ndarray, list[Recommendation]]:
+        """The crop of ``item`` -> its ``(1280,)`` features and ``k`` products of its category (or family),
+        ranked by features and colour. ``ValueError`` when the index has no such category."""
+        rows = self.item_rows(item.category, k)
+        crop = image.crop(with_margin(item.box, *image.size))
+        pixels = self.embedder.prepare([crop])
+        feats = self.embedder.embed_arrays(pixels)
+        return feats[0], self.ranked_by_colour(feats, colour_histogram(pixels[0]), rows, k)
+
+    def more_like(self, product_id: str, k: int = 5) -> tuple[np.ndarray, list[Recommendation]]:
+        """A catalogue product as the query: its ``(1280,)`` features and ``k`` others like it, never itself
+        or a copy of its picture. ``KeyError`` when the index does not hold ``product_id``."""
+        row = self.row_by_id[product_id]
+        feats = self.index.features[row : row + 1]
+        recs = self.recommend_features(feats, k + 1 + 4, None)[0]  # room for the product and copies of it
+        products, features = self.index.products, self.index.features
+        others = [r for r in recs if not self.same_picture_as_any(self.row_by_id[r.product.id], [row], products, features)]
+        return feats[0], [Recommendation(r.product, r.distance, rank) for rank, r in enumerate(others[:k], 1)]
+
+    @cached_property
+    def row_by_id(self) -> dict[str, int]:
+        """Product id -> index row (built on the first "more like this")."""
+        return {p.id: i for i, p in enumerate(self.index.products)}
+
+    def item_rows(self, category: str, k: int) -> np.ndarray:
+        """Rows an item of ``category`` is searched in: the category's, or its family's where the category is small."""
+        rows = np.flatnonzero(self.filter_mask({"category": frozenset([category.strip().casefold()])}))
+        if len(rows) == 0:
+            raise ValueError(f"this catalogue has no products in category {category!r}")
+        family = self.family_of(category)
+        if len(rows) < max(MIN_ITEM_PRODUCTS, k) and family:
+            rows = np.flatnonzero(self.filter_mask({FAMILY_FIELD: frozenset([family])}))
+        return rows
+
+    def family_of(self, category: str) -> str:
+        """The family (:data:`FAMILY_FIELD`, case-folded) most of ``category``'s products have; "" without one."""
+        if self._families is None:
+            votes: dict[str, Counter[str]] = {}
+            for product in self.index.products:
+                votes.setdefault(field_value(product, "category"), Counter())[field_value(product, FAMILY_FIELD)] += 1
+            self._families = {cat: count.most_common(1)[0][0] for cat, count in votes.items()}
+        return self._families.get(category.strip().casefold(), "")
+
+    def ranked_by_colour(self, feats: np.ndarray, colour: np.ndarray, rows: np.ndarray, k: int) -> list[Recommendation]:
+        """``k`` of ``rows`` by cosine similarity plus :data:`COLOUR_WEIGHT` times the colour match, duplicates
+        collapsed: the :data:`ITEM_SHORTLIST` most similar by features, re-ranked with their colours."""
+        dist, idx = self.index.search_rows(feats, rows, ITEM_SHORTLIST)
+        score = -0.5 * dist[0].astype(np.float64) ** 2
+        priors = self.index.priors
+        if priors is not None and priors.colours is not None:
+            score -= COLOUR_WEIGHT * (1.0 - colour_match(colour, priors.colours[idx[0]]))  # a distance stays >= 0
+        if priors is not None:
+            score += priors.bonus(feats)[0][priors.product_group[idx[0]]]  # one category: the same for all; a family: not
+        order = np.lexsort((idx[0], -score))
+        return self.collapse((-score[order]).astype(np.float32), idx[0][order], k, None)
 
     def photo_classes(self, feats: np.ndarray, k: int = 3) -> list[dict[str, list[dict[str, object]]]]:
         """Each photo's most likely categories (and garment kinds), with probabilities; ``{}`` without priors."""

@@ -36,10 +36,11 @@ from ffengine.runtime_torch import FeatureNet, TorchRunner
 log = logging.getLogger(__name__)
 
 #: Bump when the exported graph changes, so old cache files are not reused.
-EXPORT_VERSION = 2
+EXPORT_VERSION = 3
 OPSET = 17
 INPUT_NAME = "pixels"
 OUTPUT_NAME = "features"
+MAP_NAME = "map"  # the last feature map, which the features pool
 #: Pictures per ``session.run`` when a batch is spread over the cores (bench/embed_speed.py --sweep).
 MICRO_BATCH = 1
 #: Minimum cosine similarity between ONNX Runtime and PyTorch on the probe batch.
@@ -88,8 +89,9 @@ def model_key(net: FeatureNet, input_size: int) -> str:
     return digest.hexdigest()[:24]
 
 
-def export(net: FeatureNet, input_size: int) -> bytes:
-    """Export ``net`` (a CPU module; traced in eval mode) to ONNX bytes with a dynamic batch axis."""
+def export(net: torch.nn.Module, input_size: int, outputs: tuple[str, ...] = (OUTPUT_NAME, MAP_NAME)) -> bytes:
+    """Export ``net`` (a CPU module; traced in eval mode) to ONNX bytes with a dynamic batch axis;
+    ``outputs`` names what its ``forward`` returns, in order."""
     training = net.training
     net.eval()
     buf = io.BytesIO()
@@ -103,8 +105,8 @@ def export(net: FeatureNet, input_size: int) -> bytes:
                 dynamo=False,
                 opset_version=OPSET,
                 input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: {0: "n"}, OUTPUT_NAME: {0: "n"}},
+                output_names=list(outputs),
+                dynamic_axes={INPUT_NAME: {0: "n"}} | {name: {0: "n"} for name in outputs},
             )
     finally:
         net.train(training)
@@ -215,6 +217,11 @@ class OnnxRunner:
     def run_here(self, batch: np.ndarray) -> np.ndarray:
         """Features computed on the calling thread only (one core); safe from many threads at once."""
         return self._batched.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+
+    def with_maps(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(n, 1280)`` features and ``(n, 1280, h, w)`` feature maps, with all cores."""
+        feats, fmap = self.single.run([OUTPUT_NAME, MAP_NAME], {INPUT_NAME: batch})
+        return feats, fmap
 
 
 def _session(model: bytes, threads: int):  # -> onnxruntime.InferenceSession

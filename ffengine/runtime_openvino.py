@@ -76,6 +76,12 @@ class OpenVinoRunner:
             self._queue.wait_all()
         return out
 
+    def with_maps(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(n, 1280)`` features and ``(n, 1280, h, w)`` feature maps (the latency-tuned model)."""
+        with self._single_lock:
+            result = self._single.infer({0: batch})
+            return _features(result), np.array(result[1], dtype=np.float32, copy=True)
+
     def run_here(self, batch: np.ndarray) -> np.ndarray:
         """Features for ``batch`` with this thread's own request: safe from many threads at once."""
         request = getattr(self._local, "request", None)

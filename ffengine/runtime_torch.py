@@ -1,4 +1,4 @@
-"""The network itself, in PyTorch: uint8 pixels in, pooled MobileNetV2 features out.
+"""The network itself, in PyTorch: uint8 pixels in, pooled MobileNetV2 features (and the last feature map) out.
 
 :class:`FeatureNet` puts the input normalisation inside the model, so the caller hands
 over the ``prepare`` batch untouched and every runtime (eager PyTorch here, ONNX Runtime
@@ -28,7 +28,8 @@ def build_features(state_dict: dict[str, torch.Tensor] | None) -> torch.nn.Seque
 
 
 class FeatureNet(torch.nn.Module):
-    """``(n, S, S, 3)`` uint8 RGB -> ``(n, 1280)`` float32: normalise, ``features``, global average pool."""
+    """``(n, S, S, 3)`` uint8 RGB -> ``(n, 1280)`` float32 pooled features and the ``(n, 1280, h, w)`` map
+    they pool (what :mod:`ffengine.items` reads where a garment is): normalise, ``features``, global average pool."""
 
     def __init__(self, features: torch.nn.Module, preprocess: Preprocess) -> None:
         super().__init__()
@@ -38,13 +39,14 @@ class FeatureNet(torch.nn.Module):
         self.register_buffer("mean", mean, persistent=False)
         self.register_buffer("inv_std", inv_std, persistent=False)
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # NHWC uint8 viewed as NCHW is already channels_last in memory: no copy, and the
         # channels_last kernels of oneDNN / cuDNN take it as is.
         x = (pixels.permute(0, 3, 1, 2).float() - self.mean) * self.inv_std
         # Global average pool as a pooling op (not ``mean``): ONNX Runtime then pools in its
         # blocked layout instead of converting the 1280 x 7 x 7 map back first.
-        return torch.nn.functional.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
+        fmap = self.features(x)
+        return torch.nn.functional.adaptive_avg_pool2d(fmap, 1).flatten(1), fmap
 
 
 class TorchRunner:
@@ -61,14 +63,18 @@ class TorchRunner:
         self.device = device
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.with_maps(batch)[0]
+
+    def with_maps(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(n, 1280)`` features and ``(n, 1280, h, w)`` feature maps, float32."""
         training = self.net.training
         if training:
             self.net.eval()
         try:
             with torch.inference_mode():
                 pixels = torch.from_numpy(batch).to(self.device, non_blocking=True)
-                feats = self.net(pixels)
-                return feats.float().cpu().numpy()
+                feats, fmap = self.net(pixels)
+                return feats.float().cpu().numpy(), fmap.float().cpu().numpy()
         finally:
             if training:
                 self.net.train()

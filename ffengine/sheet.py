@@ -26,6 +26,7 @@ BACKGROUND = (255, 255, 255)
 PLACEHOLDER = (225, 225, 225)
 TEXT = (20, 20, 20)
 ERROR_TEXT = (170, 0, 0)
+BOX_COLOURS = [(230, 25, 75), (0, 130, 200), (60, 180, 75), (245, 130, 48)]
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class SheetRow:
     caption: str
     results: Sequence[Recommendation] = ()
     error: str | None = None
+    boxes: Sequence[tuple[tuple[int, int, int, int], str]] = ()  # (box in the query's pixels, label) to draw on it
 
 
 def font(size: int = 12) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -55,6 +57,20 @@ def thumbnail(img: Image.Image | None, size: int, note: str = "") -> Image.Image
     pic.thumbnail((size, size), Image.Resampling.LANCZOS)
     tile.paste(pic, ((size - pic.width) // 2, (size - pic.height) // 2))
     return tile
+
+
+def with_boxes(img: Image.Image | None, boxes: Sequence[tuple[tuple[int, int, int, int], str]]) -> Image.Image | None:
+    """A copy of ``img`` with each box outlined and labelled (the items ``recommend --items`` found)."""
+    if img is None or not boxes:
+        return img
+    out = img.convert("RGB")
+    draw = ImageDraw.Draw(out)
+    width = max(2, min(out.size) // 80)
+    label_font = font(max(12, min(out.size) // 14))
+    for (box, label), colour in zip(boxes, BOX_COLOURS * len(boxes), strict=False):
+        draw.rectangle(box, outline=colour, width=width)
+        draw.text((box[0] + width + 2, box[1] + width), label, fill=colour, font=label_font, stroke_width=2, stroke_fill=BACKGROUND)
+    return out
 
 
 def product_picture(image_ref: str) -> tuple[Image.Image | None, str]:
@@ -87,7 +103,7 @@ def contact_sheet(rows: Sequence[SheetRow], out: str | os.PathLike[str], *, k: i
     chars = max(8, thumb // 7)
     for r, row in enumerate(rows):
         y = PAD + r * cell_h
-        sheet.paste(thumbnail(row.query, thumb, "(unreadable)"), (PAD, y))
+        sheet.paste(thumbnail(with_boxes(row.query, row.boxes), thumb, "(unreadable)"), (PAD, y))
         caption = wrap(f"query: {row.caption}", chars, CAPTION_LINES)
         draw.multiline_text((PAD, y + thumb + 4), "\n".join(caption), fill=TEXT, font=small, spacing=2)
         if row.error:

@@ -90,8 +90,12 @@ def sidecar_path(weights_file: Path) -> Path:
 
 def fingerprint(weights_digest: str, preprocess: Preprocess) -> str:
     """Model identity = weights hash + preprocessing; an index remembers it."""
-    prep = hashlib.sha256(json.dumps(asdict(preprocess), sort_keys=True).encode()).hexdigest()[:8]
-    return f"{weights_digest[:16]}-{prep}"
+    return f"{weights_digest[:16]}-{preprocess_digest(preprocess)}"
+
+
+def preprocess_digest(preprocess: Preprocess) -> str:
+    """8 hex digits naming how pictures are fed (what anything computed from the network input depends on)."""
+    return hashlib.sha256(json.dumps(asdict(preprocess), sort_keys=True).encode()).hexdigest()[:8]
 
 
 def looks_like_path(spec: str) -> bool:

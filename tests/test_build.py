@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ffengine.build import BuildReport, aembed_catalog, build_index, catalog_hash, embed_catalog
+from ffengine.build import BuildReport, aembed_catalog, build_index, catalog_hash, colour_cache_name, embed_catalog
 from ffengine.cache import EmbeddingCache, content_hash, fingerprint_dir_name
 from ffengine.catalog import read_catalog
 from ffengine.embedder import Embedder
@@ -60,6 +60,7 @@ class Renamed:
         self.inner = inner
         self.fingerprint = fingerprint
         self.dim = inner.dim
+        self.preprocess = inner.preprocess
         self.calls = 0
 
     def prepare(self, images):  # type: ignore[no-untyped-def]
@@ -144,7 +145,8 @@ def test_cache_reuse_change_one_image_other_model_and_corrupt_entry(tmp_path: Pa
     retrained = embed_catalog(cat, other, cache_dir=cache_dir, progress=False, batch_size=4)
     assert (retrained.report.embedded, retrained.report.cached) == (6, 0)
     assert retrained.report.fingerprint == "fine-tuned-0001" and other.calls == 2
-    assert sorted(p.name for p in cache_dir.iterdir()) == sorted({"fine-tuned-0001", fingerprint_dir_name(random_embedder.fingerprint)})
+    models = {"fine-tuned-0001", fingerprint_dir_name(random_embedder.fingerprint)}
+    assert sorted(p.name for p in cache_dir.iterdir()) == sorted({*models, colour_cache_name(random_embedder.preprocess)})  # colours: per preprocessing
 
     # A damaged entry is ignored, recomputed and repaired.
     cache = EmbeddingCache(cache_dir, random_embedder.fingerprint, random_embedder.dim)

@@ -193,6 +193,7 @@ class CountingEmbedder:
 
     def __init__(self, inner) -> None:
         self.inner, self.fingerprint, self.dim, self.embedded = inner, inner.fingerprint, inner.dim, 0
+        self.preprocess = inner.preprocess
 
     def prepare(self, images):
         return self.inner.prepare(images)

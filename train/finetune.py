@@ -197,7 +197,7 @@ def frozen_runner(net: FrozenNet, embedder: Embedder) -> Callable[[np.ndarray], 
     if embedder.device.type != "cpu" or not runtime_onnx.available():
         return eager
     try:
-        session = runtime_onnx.OnnxRunner(runtime_onnx.export(net.cpu(), embedder.preprocess.input_size))  # pictures side by side, one per core
+        session = runtime_onnx.OnnxRunner(runtime_onnx.export(net.cpu(), embedder.preprocess.input_size, (runtime_onnx.OUTPUT_NAME,)))  # pictures side by side, one per core
         probe = np.random.default_rng(0).integers(0, 256, size=(2, embedder.preprocess.input_size, embedder.preprocess.input_size, 3), dtype=np.uint8)
         want, got = eager(probe), session(probe)
         if got.shape != want.shape or not np.allclose(got, want, rtol=1e-3, atol=1e-3 * float(np.abs(want).max() + 1e-12)):
