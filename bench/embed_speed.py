@@ -16,7 +16,7 @@ One run measures, on the real MobileNetV2 weights and real catalogue photos:
 * ``prepare`` throughput: decode (``load_image``) + resize/crop (``prepare``) of catalog-10k
   photos and of the larger query photos, 1 and 2 threads, against the foundation's
   resize-then-crop;
-* with ``--sweep``: our ONNX runner's batch path: micro-batch size, on one core or all.
+* with ``--sweep``: our ONNX runner's one-picture and batch paths, on one core or all.
 
 Writes ``bench/results/embed_speed.json`` and prints a markdown table.
 Run: ``.venv/bin/python bench/embed_speed.py`` (about 3-5 minutes on 2 idle cores).
@@ -274,16 +274,15 @@ def prepare_speed(paths: list[Path], embedder: Embedder, rounds: int) -> dict[st
 
 
 def sweep(embedder: Embedder, pixels: np.ndarray, rounds: int) -> list[dict]:
-    """Our runner's batch path: micro-batch size, and one core against all of them."""
+    """Our runner's one-picture and batch paths, on one core against all of them."""
     data, _, _ = runtime_onnx.cached_export(embedder._net, embedder.preprocess.input_size, None, "sweep")
     rows = []
     for cores in (1, runtime_onnx.cpu_count()):
-        for micro in (1, 2, 4, 8):
-            runner = OnnxRunner(data, threads=cores, micro_batch=micro)
-            for batch in (1, 32) if micro == 1 else (32,):
-                per = throughput({"r": (runner, False)}, pixels, None, batch, rounds, 64)["r"]  # type: ignore[arg-type]
-                rows.append({"cores": cores, "micro_batch": micro, "batch": batch, "img_s": round(statistics.median(per), 1)})
-                print(f"  sweep cores={cores} micro={micro} batch={batch}: {rows[-1]['img_s']} img/s", flush=True)
+        runner = OnnxRunner(data, threads=cores)
+        for batch in (1, 32):
+            per = throughput({"r": (runner, False)}, pixels, None, batch, rounds, 64)["r"]  # type: ignore[arg-type]
+            rows.append({"cores": cores, "batch": batch, "img_s": round(statistics.median(per), 1)})
+            print(f"  sweep cores={cores} batch={batch}: {rows[-1]['img_s']} img/s", flush=True)
     return rows
 
 
@@ -312,7 +311,7 @@ def main() -> None:
     parser.add_argument("--per-round", type=int, default=64, help="images per configuration per round")
     parser.add_argument("--prepare-photos", type=int, default=600)
     parser.add_argument("--quality-catalogue", type=int, default=1500, help="catalogue photos for precision@5 (0: skip)")
-    parser.add_argument("--sweep", action="store_true", help="also sweep the ONNX runner's micro-batch and spinning")
+    parser.add_argument("--sweep", action="store_true", help="also time the ONNX runner on one core and on all")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "embed_speed.json")
     args = parser.parse_args()
 
@@ -364,7 +363,7 @@ def main() -> None:
             "load_average_after": load_avg(),
             "timings_taken_on_idle_cpus": f"{QUIET['waits'] - QUIET['timed_out']} of {QUIET['waits']}",
         },
-        "shipped": {"name": shipped, "runtime": embedder.runtime, "micro_batch": runtime_onnx.MICRO_BATCH},
+        "shipped": {"name": shipped, "runtime": embedder.runtime},
         "throughput": speed,
         "throughput_with_one_core_busy": busy,
         "agreement_vs_torch_fp32": agree,
@@ -405,9 +404,9 @@ def print_table(result: dict) -> None:
             f"| {p['decode_prepare_1_thread_img_s']} | {p['decode_prepare_2_threads_img_s']} |"
         )
     if "sweep" in result:
-        print("\n| cores | micro-batch | batch | img/s |\n| --- | ---: | ---: | ---: |")
+        print("\n| cores | batch | img/s |\n| --- | ---: | ---: |")
         for row in result["sweep"]:
-            print(f"| {row['cores']} | {row['micro_batch']} | {row['batch']} | {row['img_s']} |")
+            print(f"| {row['cores']} | {row['batch']} | {row['img_s']} |")
 
 
 if __name__ == "__main__":

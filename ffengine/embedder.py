@@ -107,8 +107,6 @@ class Embedder:
         self._cache_dir = (cache_dir or runtime_onnx.default_cache_dir()) if resolved else None
         self._torch = TorchRunner(self._net, self.device)
         self._runner: TorchRunner | CompiledRunner = self._torch
-        self._watch: list[torch.Tensor] | None = None  # set once .model is handed out
-        self._exported_version = 0
         cpu = self.device.type == "cpu"
         self._choices = (runtime,) if runtime in CPU_RUNTIMES else tuple(CPU_RUNTIMES) if runtime == "auto" and cpu else ()
         if self._choices:
@@ -121,11 +119,8 @@ class Embedder:
 
     @property
     def model(self) -> torch.nn.Module:
-        """The torch ``features`` module (for fine-tuning). Changes to its tensors are
-        picked up: the ONNX model is re-exported before the next forward pass."""
-        if self._watch is None and self._runner is not self._torch:
-            self._watch = [*self._net.parameters(), *self._net.buffers()]
-            self._exported_version = self._tensor_version()
+        """The torch ``features`` module, read-only: a trainer fine-tunes a copy (``train/finetune.py``), because
+        the compiled runtimes were exported from these tensors and would not see them change."""
         return self._net.features
 
     @property
@@ -160,8 +155,6 @@ class Embedder:
             return np.zeros((0, self.dim), dtype=np.float32)
         batch = np.ascontiguousarray(batch)
         with self._lock:
-            if self._watch is not None and self._tensor_version() != self._exported_version:
-                self._compile()  # the weights were trained in place since the export
             runner = self._runner
             if not on_caller_thread or isinstance(runner, TorchRunner):
                 return np.ascontiguousarray(runner(batch), dtype=np.float32)
@@ -172,8 +165,6 @@ class Embedder:
         (where :mod:`ffengine.items` looks for garments). For a shopper's photo or two: a map is large."""
         batch = self.prepare(images)
         with self._lock:
-            if self._watch is not None and self._tensor_version() != self._exported_version:
-                self._compile()
             feats, fmap = self._runner.with_maps(batch)
         return np.ascontiguousarray(feats, dtype=np.float32), np.ascontiguousarray(fmap, dtype=np.float32)
 
@@ -184,16 +175,9 @@ class Embedder:
         parts = [self.embed_arrays(self.prepare(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
         return parts[0] if len(parts) == 1 else np.ascontiguousarray(np.concatenate(parts))
 
-    def _tensor_version(self) -> int:
-        # Every in-place change (optimizer step, load_state_dict, copy_) bumps a tensor's version.
-        assert self._watch is not None
-        return sum(t._version for t in self._watch)
-
     def _compile(self) -> None:
-        """(Re)build the compiled CPU runtime from the current weights: the first of ``self._choices``
+        """Build the compiled CPU runtime from the weights: the first of ``self._choices``
         that is installed, loads and agrees with PyTorch; PyTorch itself (with a warning) if none does."""
-        trained = self._watch is not None and self._tensor_version() != self._exported_version
-        cache_dir = None if trained else self._cache_dir  # fine-tuned in memory: not worth a file
         problems = []
         for name in self._choices:
             installed, make, min_cosine = CPU_RUNTIMES[name]
@@ -201,15 +185,12 @@ class Embedder:
                 problems.append(f"{name} is not installed")
                 continue
             try:
-                self._runner = runtime_onnx.build_runner(self._net, self.preprocess.input_size, cache_dir, self.fingerprint, make, min_cosine)
+                self._runner = runtime_onnx.build_runner(self._net, self.preprocess.input_size, self._cache_dir, self.fingerprint, make, min_cosine)
                 break
             except runtime_onnx.OnnxUnavailable as exc:
                 problems.append(f"{name}: {exc}")
         else:
             log.warning("computing features with PyTorch on CPU (slower): %s", "; ".join(problems))
             self._runner = self._torch
-            self._watch = None
         if problems and self._runner is not self._torch:
             log.info("features computed with %s (%s)", self._runner.name, "; ".join(problems))
-        if self._watch is not None:
-            self._exported_version = self._tensor_version()

@@ -41,8 +41,6 @@ OPSET = 17
 INPUT_NAME = "pixels"
 OUTPUT_NAME = "features"
 MAP_NAME = "map"  # the last feature map, which the features pool
-#: Pictures per ``session.run`` when a batch is spread over the cores (bench/embed_speed.py --sweep).
-MICRO_BATCH = 1
 #: Minimum cosine similarity between ONNX Runtime and PyTorch on the probe batch.
 MIN_PROBE_COSINE = 0.9999
 
@@ -185,9 +183,9 @@ class OnnxRunner:
 
     * one picture: a session whose intra-op threads split every layer across all cores, and
       spin only while a call runs (``force_spinning_stop``), so nothing burns CPU between photos;
-    * a batch: micro-batches of ``micro_batch`` pictures run side by side on a one-thread
-      session, one per core. MobileNetV2's layers are too small to split well (two threads
-      give ~1.3x one), so running pictures in parallel is faster, and it has no thread
+    * a batch: single pictures run side by side on a one-thread session, one per core.
+      MobileNetV2's layers are too small to split well, so running pictures in parallel is
+      faster than splitting each one (and than larger micro-batches), and it has no thread
       barriers, so it degrades gracefully when decode threads or other processes share the
       cores, where spinning intra-op pools lose 2-3x.
 
@@ -198,18 +196,16 @@ class OnnxRunner:
 
     name = "onnx"
 
-    def __init__(self, model: bytes, *, threads: int | None = None, micro_batch: int = MICRO_BATCH) -> None:
+    def __init__(self, model: bytes, *, threads: int | None = None) -> None:
         cores = threads or cpu_count()
         self.single = _session(model, cores)
-        self.micro_batch = max(1, micro_batch)
         self._batched = _session(model, 1) if cores > 1 else self.single
         self._pool = ThreadPoolExecutor(cores, thread_name_prefix="ffengine-onnx") if cores > 1 else None
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         if len(batch) == 1:
             return self.single.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
-        step = self.micro_batch
-        chunks = [batch[start : start + step] for start in range(0, len(batch), step)]
+        chunks = [batch[row : row + 1] for row in range(len(batch))]
         run = self.run_here
         parts = list(self._pool.map(run, chunks)) if self._pool is not None else [run(c) for c in chunks]
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
