@@ -18,10 +18,9 @@ from bot.models import ModelLoader
 from ffengine.db import Database, ModelVersion
 from ffengine.errors import ConfigError
 from ffengine.index import MANIFEST_FILE
-from ffengine.weights import looks_like_path
+from train.versions import BASE_VERSION, register_base, weights_spec
 
 log = logging.getLogger(__name__)
-BASE_VERSION = "base"
 
 
 def has_index(path: Path) -> bool:
@@ -59,16 +58,8 @@ async def prepare(settings: BotSettings, db: Database, loader: ModelLoader) -> M
     if base is not None:  # registered before, deactivated since: take it back
         return await db.activate_model_version(base.id)
     index_dir = await ensure_index(settings, loader)
-    weights = settings.engine.with_index_weights(index_dir).weights
-    if looks_like_path(weights):  # the version must not depend on the directory the bot starts in
-        weights = str(Path(weights).expanduser().resolve())
+    weights = weights_spec(settings.engine.with_index_weights(index_dir).weights)  # not relative to where the bot starts
     await asyncio.to_thread(loader.recommender, weights, index_dir)  # FFError for a corrupt index or wrong weights
-    version = await db.create_model_version(
-        BASE_VERSION,
-        weights,
-        str(index_dir),
-        notes="registered on first start from FFENGINE_WEIGHTS and FFENGINE_INDEX",
-        activate=True,
-    )
+    version = await register_base(db, weights, index_dir, "registered on first start from FFENGINE_WEIGHTS and FFENGINE_INDEX")
     log.info("registered model version %s (weights %s, index %s)", version.name, version.weights, version.index_dir)
     return version

@@ -18,9 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 from telegram import Message
 from telegram.error import TelegramError
@@ -31,7 +29,7 @@ from bot.formatting import format_metrics
 from bot.models import ModelSwitch
 from ffengine.db import Database, TrainingRun
 from ffengine.errors import FFError
-from train.runs import PROGRESS_MESSAGE
+from train.runs import PROGRESS_MESSAGE, TrainingResult
 
 log = logging.getLogger(__name__)
 EDIT_EVERY_S = 3.0
@@ -80,30 +78,19 @@ async def _set_within(event: asyncio.Event, seconds: float) -> bool:
     return event.is_set()
 
 
-@dataclass(frozen=True)
-class RetrainReport:
-    """What a retraining produced, as the bot reports it (see ``train.feedback.RetrainResult``)."""
-
-    version: str | None  # the registered model version, if one was trained
-    promoted: bool  # not worse than the active one: the bot should answer with it now
-    reason: str  # one sentence for the admin
-    metrics: Mapping[str, Any] = field(default_factory=dict)
-
-
-TrainFn = Callable[[Database, BotSettings, Progress], Awaitable[RetrainReport]]
+TrainFn = Callable[[Database, BotSettings, Progress], Awaitable[TrainingResult]]
 #: The metrics worth a line in the admin's chat (the rest is in ``metrics.json`` and /models).
 SHOWN_METRICS = ("searches", "pairs", "holdout_pairwise_before", "holdout_pairwise_after", "precision5_before", "precision5_after")
 
 
-async def retrain_from_feedback(db: Database, settings: BotSettings, progress: Progress) -> RetrainReport:
+async def retrain_from_feedback(db: Database, settings: BotSettings, progress: Progress) -> TrainingResult:
     """``train.feedback`` on the bot's loop (its numpy/torch work runs in worker threads).
 
     ``activate=False``: the bot activates a promoted version itself, after loading it.
     """
     from train.feedback import retrain_from_feedback_async
 
-    result = await retrain_from_feedback_async(db, settings.engine, progress=progress, activate=False)
-    return RetrainReport(result.version, result.promoted, result.reason, result.metrics)
+    return await retrain_from_feedback_async(db, settings.engine, progress=progress, activate=False)
 
 
 class Retrainer:
@@ -168,7 +155,7 @@ class Retrainer:
             with contextlib.suppress(TelegramError):
                 await self.app.bot.send_message(chat_id, text)
 
-    async def _apply(self, report: RetrainReport) -> str:
+    async def _apply(self, report: TrainingResult) -> str:
         shown = {k: report.metrics[k] for k in SHOWN_METRICS if k in report.metrics}
         details = f"\n{report.reason}" + (f"\nMetrics: {format_metrics(shown, limit=len(shown))}" if shown else "")
         if report.version is None:

@@ -30,7 +30,7 @@ from ffengine.recommend import Recommender
 from train.errors import TrainingError
 from train.evaluation import Benchmark, LabelledPhotos
 from train.feedback import FeedbackOptions, Progress, retrain_from_feedback_async
-from train.versions import BASE_VERSION, weights_spec
+from train.versions import register_base
 
 @dataclass(frozen=True)
 class SimulationOptions:
@@ -97,9 +97,7 @@ async def simulate(
         )
         index = await asyncio.to_thread(Index.load, index_dir, embedder.fingerprint)
         timings["base_index"] = time.perf_counter() - t0
-        base = await db.create_model_version(
-            BASE_VERSION, weights_spec(settings.weights), str(index_dir.resolve()), notes="simulation base", activate=True
-        )
+        base = await register_base(db, settings.weights, index_dir, "simulation base")
         t1 = time.perf_counter()
         say(0.1, f"{len(train_photos.paths)} simulated shoppers send photos")
         feedback = await shop(db, base.id, Recommender(embedder, index), train_photos, settings, opts)

@@ -58,19 +58,22 @@ def weights_spec(weights: str) -> str:
     return str(Path(weights).expanduser().resolve()) if looks_like_path(weights) else weights
 
 
+async def register_base(db: Database, weights: str, index_dir: Path, notes: str) -> ModelVersion:
+    """Register and activate :data:`BASE_VERSION`: ``weights`` (stored by :func:`weights_spec`) and ``index_dir``."""
+    return await db.create_model_version(BASE_VERSION, weights_spec(weights), str(index_dir.resolve()), notes=notes, activate=True)
+
+
 async def ensure_current(db: Database, settings: EngineSettings) -> Current:
     """The active version; on a database that has none, register the settings' base (as the bot does at start)."""
     active = await db.active_model_version()
     if active is None:
         base = await db.get_model_version(BASE_VERSION)
-        if base is None:
-            index_dir = settings.index_dir.resolve()
-            if not (index_dir / MANIFEST_FILE).is_file():
-                raise TrainingError(f"no active model version and no index at {index_dir}; build one with `ffengine index build`")
-            base = await db.create_model_version(
-                BASE_VERSION, weights_spec(settings.weights), str(index_dir), notes="registered by train/ from FFENGINE_WEIGHTS and FFENGINE_INDEX"
-            )
-        active = await db.activate_model_version(base.id)
+        if base is not None:
+            active = await db.activate_model_version(base.id)
+        elif (settings.index_dir / MANIFEST_FILE).is_file():
+            active = await register_base(db, settings.weights, settings.index_dir, "registered by train/ from FFENGINE_WEIGHTS and FFENGINE_INDEX")
+        else:
+            raise TrainingError(f"no active model version and no index at {settings.index_dir.resolve()}; build one with `ffengine index build`")
     return Current(active, active.weights, Path(active.index_dir))
 
 
