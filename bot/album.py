@@ -21,6 +21,7 @@ from typing import Any
 from telegram import Bot, InputMediaPhoto, Message
 from telegram.error import BadRequest
 
+from bot.formatting import shorten
 from ffengine.catalog import Product, local_image_path
 from ffengine.db import Database
 from ffengine.errors import ImageRejected
@@ -44,8 +45,7 @@ def format_price(product: Product) -> str | None:
 def caption(rank: int, product: Product, room: int = MAX_CAPTION) -> str:
     """``1. Title`` / price (if known) / page link; plain text within ``room`` characters
     (a link too long to fit is left out rather than costing the photos or the answer)."""
-    title = product.title if len(product.title) <= MAX_TITLE else product.title[: MAX_TITLE - 1] + "…"
-    text = f"{rank}. {title}"
+    text = f"{rank}. {shorten(product.title, MAX_TITLE)}"
     if price := format_price(product):
         text += f"\n{price}"
     if product.url and len(text) + 1 + len(product.url) <= room:

@@ -21,7 +21,7 @@ from bot.batcher import SearchBatcher
 from bot.bootstrap import prepare
 from bot.config import BotSettings
 from bot.context import SERVICES, SETTINGS, BotServices, FFContext, Throttle
-from bot.handlers import admin, errors, help, privacy, rating, search
+from bot.handlers import admin, errors, help, items, privacy, rating, search
 from bot.models import ActiveModel, ModelLoader, ModelSwitch
 from bot.retrain import Retrainer, report_interrupted
 from ffengine.cli import package_version
@@ -49,7 +49,7 @@ def build_application(settings: BotSettings) -> Application:
     )
     app.bot_data[SETTINGS] = settings
     app.add_handlers(admin.handlers(settings.admin_ids))
-    app.add_handlers([*help.handlers(), *privacy.handlers(), *search.handlers(), *rating.handlers(), help.fallback()])
+    app.add_handlers([*help.handlers(), *privacy.handlers(), *search.handlers(), *items.handlers(), *rating.handlers(), help.fallback()])
     app.add_error_handler(errors.on_error)
     return app
 

@@ -2,11 +2,13 @@
 
 Handlers ``await batcher.search(image)``; a single loop task takes what is waiting in a
 bounded queue (up to ``max_batch`` pictures, or whatever arrived within ``max_wait_s``
-of the first), runs one ``embedder.embed`` + index search in a dedicated model thread,
-and resolves each caller's future. One thread means one forward pass at a time (the
-embedder is serialised anyway) while the queue fills up for the next batch - which is
-what makes a GPU pay. A full queue refuses new work at once (:class:`QueueFull`) instead
-of letting latency grow without bound.
+of the first), runs one ``answer_photos`` (embed + index search) in a dedicated model
+thread, and resolves each caller's future. One thread means one forward pass at a time
+(the embedder is serialised anyway) while the queue fills up for the next batch - which is
+what makes a GPU pay. Other model work (searching one item of a photo, "more like this")
+waits in the same queue (``await batcher.run(fn)``) and runs on the same thread, one call
+at a time. A full queue refuses new work at once (:class:`QueueFull`) instead of letting
+latency grow without bound.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -30,13 +32,25 @@ class QueueFull(Exception):
     """Too many photos are waiting; the caller should ask the user to retry later."""
 
 
+class PhotoAnswerLike(Protocol):
+    """One photo's answer (:class:`ffengine.recommend.PhotoAnswer`)."""
+
+    @property
+    def features(self) -> np.ndarray: ...
+    @property
+    def recommendations(self) -> list: ...
+    @property
+    def items(self) -> list: ...
+
+
 class SearchModel(Protocol):
     """What the batcher needs from the active model (see :class:`bot.models.ActiveModel`)."""
 
-    def search_batch(self, images: Sequence[Image.Image], k: int) -> tuple[np.ndarray, list[list]]: ...
+    def answer_photos(self, images: Sequence[Image.Image], k: int) -> Sequence[PhotoAnswerLike]: ...
 
 
 M = TypeVar("M", bound=SearchModel)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -46,14 +60,16 @@ class SearchResult(Generic[M]):
     model: M
     features: np.ndarray
     recommendations: list
+    items: list  # the garments seen in the photo, most probable first
     batch_size: int
     model_ms: float
 
 
 @dataclass
 class _Job:
-    image: Image.Image
     future: asyncio.Future
+    image: Image.Image | None = None  # a photo to search, batched with the others
+    call: Callable[[Any], Any] | None = None  # or other work, run alone
 
 
 class SearchBatcher(Generic[M]):
@@ -91,11 +107,20 @@ class SearchBatcher(Generic[M]):
 
     async def search(self, image: Image.Image) -> SearchResult[M]:
         """Queue ``image``; raises :class:`QueueFull` at once when the queue is full."""
+        return await self._queue_job(image=image)
+
+    async def run(self, fn: Callable[[M], T]) -> tuple[M, T]:
+        """``fn(model)`` on the model thread, in turn with the photos; returns the model it was
+        given with its result (so the log names the right version). :class:`QueueFull` at once
+        when the queue is full; ``fn``'s exception is raised here."""
+        return await self._queue_job(call=fn)
+
+    async def _queue_job(self, **work: Any) -> Any:
         if self._task is None or self._task.done():
             raise RuntimeError("the search batcher is not running")
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         try:
-            self._queue.put_nowait(_Job(image, future))
+            self._queue.put_nowait(_Job(future, **work))
         except asyncio.QueueFull:
             raise QueueFull from None
         return await future
@@ -129,8 +154,12 @@ class SearchBatcher(Generic[M]):
             self._busy = len(jobs)
             try:
                 live = [j for j in jobs if not j.future.done()]  # a caller may have given up
-                if live:
-                    await self._run_batch(loop, live)
+                photos = [j for j in live if j.call is None]
+                if photos:
+                    await self._run_batch(loop, photos)
+                for job in live:
+                    if job.call is not None:
+                        await self._run_call(loop, job)
             finally:
                 self._busy = 0
                 for _ in jobs:
@@ -141,7 +170,7 @@ class SearchBatcher(Generic[M]):
         images = [j.image for j in jobs]
         start = time.perf_counter()
         try:
-            features, recommendations = await loop.run_in_executor(self._executor, model.search_batch, images, self.k)
+            answers = await loop.run_in_executor(self._executor, model.answer_photos, images, self.k)
         except Exception as exc:  # every waiting caller gets the failure, the loop lives on
             log.exception("search batch of %d failed", len(jobs))
             for job in jobs:
@@ -152,6 +181,20 @@ class SearchBatcher(Generic[M]):
         self.model_seconds += model_ms / 1000
         self.batches += 1
         self.searched += len(jobs)
-        for i, job in enumerate(jobs):
+        for job, a in zip(jobs, answers, strict=True):
             if not job.future.done():
-                job.future.set_result(SearchResult(model, features[i], recommendations[i], len(jobs), model_ms))
+                job.future.set_result(SearchResult(model, a.features, a.recommendations, a.items, len(jobs), model_ms))
+
+    async def _run_call(self, loop: asyncio.AbstractEventLoop, job: _Job) -> None:
+        model = self._current_model()
+        start = time.perf_counter()
+        try:
+            result = await loop.run_in_executor(self._executor, job.call, model)  # type: ignore[arg-type]
+        except Exception as exc:  # the caller decides what a failure means (an expired product...)
+            if not job.future.done():
+                job.future.set_exception(exc)
+            return
+        finally:
+            self.model_seconds += time.perf_counter() - start
+        if not job.future.done():
+            job.future.set_result((model, result))

@@ -1,4 +1,5 @@
-"""Admin-facing text: stats, model versions, metrics (pure functions, tested without Telegram)."""
+"""Admin-facing text: stats, model versions, metrics; and catalogue text cut to fit (pure functions,
+tested without Telegram)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from ffengine.db import ModelVersion, Stats
+
+
+def shorten(text: str, limit: int) -> str:
+    """``text`` within ``limit`` characters, an ellipsis marking a cut (catalogue titles and categories can be long)."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _ms(value: float | None) -> str:

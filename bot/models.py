@@ -14,17 +14,24 @@ import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from ffengine.db import Database, ModelVersion, NotFound
+from ffengine.catalog import Product
+from ffengine.db import Database, ModelVersion, NotFound, StoredItem
 from ffengine.embedder import Embedder
 from ffengine.index import Index
-from ffengine.recommend import Recommendation, Recommender
+from ffengine.items import Item
+from ffengine.recommend import PhotoAnswer, Recommendation, Recommender
 
 log = logging.getLogger(__name__)
+
+
+class Stale(Exception):
+    """A button from an earlier search names a product or category this model's catalogue lacks."""
 
 
 @dataclass(frozen=True)
@@ -43,10 +50,32 @@ class ActiveModel:
     def index(self) -> Index:
         return self.recommender.index
 
-    def search_batch(self, images: Sequence[Image.Image], k: int) -> tuple[np.ndarray, list[list[Recommendation]]]:
-        """Blocking (model thread): pictures -> ``(n, 1280)`` features and ``k`` recommendations each."""
-        features = self.embedder.embed(images)
-        return features, self.recommender.recommend_features(features, k=k)
+    def answer_photos(self, images: Sequence[Image.Image], k: int) -> list[PhotoAnswer]:
+        """Blocking (model thread): each picture's features, ``k`` recommendations and likely items."""
+        return self.recommender.answer_photos(images, k=k)
+
+    @cached_property
+    def categories(self) -> frozenset[str]:
+        """The store categories this model's catalogue has (an item of another catalogue may not)."""
+        return frozenset(p.category for p in self.index.products if p.category)
+
+    @cached_property
+    def products(self) -> dict[str, Product]:
+        """This model's catalogue by product id."""
+        return {p.id: p for p in self.index.products}
+
+    def search_item(self, image: Image.Image, item: StoredItem, k: int) -> tuple[np.ndarray, list[Recommendation]]:
+        """Blocking (model thread): the crop of a logged item -> its features and ``k`` products of its
+        kind; :class:`Stale` when this catalogue has no such category (the photo was searched by another)."""
+        if item.category not in self.categories:
+            raise Stale(f"no category {item.category!r} in {self.name}")
+        return self.recommender.recommend_item(image, Item(item.category, item.probability, item.box), k=k)
+
+    def more_like(self, product_id: str, k: int) -> tuple[np.ndarray, list[Recommendation]]:
+        """Blocking (model thread): the product's own features as the query; :class:`Stale` when it is gone."""
+        if product_id not in self.products:
+            raise Stale(f"no product {product_id!r} in {self.name}")
+        return self.recommender.more_like(product_id, k=k)
 
 
 def catalogue_changed(old: ActiveModel, new: ActiveModel) -> bool:

@@ -6,7 +6,7 @@ HELP = (
     "👗 Send me a photo of a piece of clothing (or shoes, a bag...) and I'll show you "
     "the five most similar products from the store.\n\n"
     "• Send it as a photo, or as an image file (JPEG, PNG, WebP).\n"
-    "• One item per photo works best.\n"
+    "• A whole outfit in one photo? Under the results, tap the item you mean.\n"
     "• Rate the matches with 👍 / 👎: it teaches me your taste.\n\n"
     "/privacy – what I keep about you · /forget – erase it"
 )
@@ -20,7 +20,11 @@ ALBUM = "You sent several photos at once: I searched the first one. Send the oth
 ONE_AT_A_TIME = "⏳ One photo at a time, please: I'm still working on your previous one."
 BUSY = "😅 I'm very busy right now. Please try again in a minute."
 NO_RESULTS = "I couldn't find anything similar in the catalogue, sorry."
-RESULTS = "Here are the closest matches. Rate each with 👍 or 👎 (it helps me learn); 🔗 opens the product page."
+RESULTS = "Here are the closest matches. Rate each with 👍 or 👎 (it helps me learn); 🔗 opens the product page, 🔁 finds more like it."
+LOOKING_FOR = "Something else in your photo? Looking for: {items} (tap it below)"
+ITEM_RESULTS = "{item} from your photo:"
+MORE_RESULTS = "🔁 More like “{title}”:"
+SEARCHING = "🔎 On it…"
 APOLOGY = "Sorry, something went wrong on my side. Please try again in a minute."
 
 RATED = {1: "👍 Thanks, noted!", -1: "👎 Thanks, noted!"}
@@ -31,8 +35,8 @@ EXPIRED = "This button has expired. Send a new photo to search again."
 PRIVACY = (
     "🔒 What I keep:\n"
     "• your Telegram user id and language;\n"
-    "• for each search: the time, a Telegram file reference, 1280 numbers describing the photo "
-    "(not the photo itself), and the products I showed;\n"
+    "• for each search: the time, Telegram's references to the photo, 1280 numbers describing it "
+    "(not the photo itself), the items I saw in it, which button you pressed, and the products I showed;\n"
     "• your 👍 / 👎 ratings.\n"
     "They are used to improve the recommendations. Your photos are never stored.\n\n"
     "Right now I keep {searches} search(es) and {ratings} rating(s) of yours.\n"

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from ffengine import runtime_onnx, runtime_openvino
-from ffengine.config import DEFAULT_WEIGHTS, check_device
+from ffengine.config import DEFAULT_WEIGHTS, check_device, check_runtime
 from ffengine.errors import ConfigError
 from ffengine.images import network_input
 from ffengine.runtime_torch import FeatureNet, TorchRunner, build_features
@@ -31,7 +31,6 @@ from ffengine.weights import Preprocess, ResolvedWeights, resolve_weights
 log = logging.getLogger(__name__)
 
 FEATURE_DIM = 1280
-RUNTIMES = ("auto", "torch", "onnx", "openvino")
 #: Compiled CPU runtimes, in the order ``auto`` tries them: (installed?, runner class, lowest probe cosine).
 CPU_RUNTIMES = {
     "openvino": (runtime_openvino.available, runtime_openvino.OpenVinoRunner, runtime_openvino.MIN_PROBE_COSINE),
@@ -92,8 +91,7 @@ class Embedder:
         runtime: str = "auto",
         cache_dir: Path | None = None,
     ) -> None:
-        if runtime not in RUNTIMES:
-            raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}; got {runtime!r}")
+        check_runtime(runtime, "runtime")
         self.device = pick_device(device)
         if runtime in CPU_RUNTIMES and self.device.type != "cpu":
             raise ConfigError(f"runtime {runtime!r} runs on CPU only; device is {self.device}")

@@ -32,7 +32,7 @@ from bot.app import build_application
 from bot.config import BotSettings
 from bot.context import BotServices, services
 from bot.retrain import STARTED as RETRAIN_STARTED
-from bot.retrain import RetrainReport
+from train.runs import TrainingResult
 from bot.runner import running
 from tests.conftest import make_image
 from tests.fake_bot_api import FakeBotAPI
@@ -128,7 +128,7 @@ class Running:
         return [m["text"] for m in self.fake.messages_to(uid) if "text" in m]
 
     def keyboards(self, uid: int) -> list[dict]:
-        return [m for m in self.fake.messages_to(uid) if m.get("reply_markup") and m.get("text") == texts.RESULTS]
+        return [m for m in self.fake.messages_to(uid) if m.get("reply_markup") and m.get("text", "").startswith(texts.RESULTS)]
 
     async def wait_text(self, uid: int, text: str, count: int = 1, timeout: float = 30) -> None:
         await self.fake.wait_for(lambda f: self.texts_to(uid).count(text) >= count, timeout)
@@ -193,7 +193,8 @@ async def test_photo_gets_album_of_five_then_rating_keyboard(shop: Running) -> N
     rows = buttons(keyboard)
     assert len(rows) == 5
     for rank, (row, photo) in enumerate(zip(rows, album, strict=True), start=1):
-        assert [b["text"] for b in row] == [f"{rank} 👍", f"{rank} 👎", f"{rank} 🔗 View"]
+        assert [b["text"] for b in row] == [f"{rank} 👍", f"{rank} 👎", f"{rank} 🔗 View", f"{rank} 🔁"]
+        assert row[3]["callback_data"] == "m:" + row[0]["callback_data"].split(":")[1]
         assert row[0]["callback_data"].startswith("r:") and row[0]["callback_data"].endswith(":+1")
         title, *rest = photo["caption"].split("\n")
         assert title.startswith(f"{rank}. Product ") and rest[-1] == row[2]["url"]
@@ -484,10 +485,10 @@ async def seed_consistent_feedback(shop: Running, n: int, first_uid: int) -> Non
 
     model, db = shop.svc.models.current, shop.svc.db
     images = [load_image(make_image(3000 + i, size=(140, 180))) for i in range(n)]
-    feats, recs = await asyncio.to_thread(model.search_batch, images, 5)
-    for i in range(n):
-        record = await db.record_search(first_uid + i, None, feats[i], model.version_id, 50.0, "ok", [(r.product.id, r.distance) for r in recs[i]])
-        for rec, rec_id in zip(recs[i], record.recommendation_ids, strict=True):
+    answers = await asyncio.to_thread(model.answer_photos, images, 5)
+    for i, answer in enumerate(answers):
+        record = await db.record_search(first_uid + i, None, answer.features, model.version_id, 50.0, "ok", [(r.product.id, r.distance) for r in answer.recommendations])
+        for rec, rec_id in zip(answer.recommendations, record.recommendation_ids, strict=True):
             await db.rate(first_uid + i, rec_id, 1 if int(rec.product.id[1:]) < 8 else -1)
 
 
@@ -549,12 +550,12 @@ async def test_admin_sees_every_retrain_step_in_order_then_the_result(shop: Runn
     steps = [(0.02, "reading the index of base"), (0.3, "learning: metric step 60/200"), (0.9, "writing the index")]
     since = len(shop.fake.calls)
 
-    async def train(db: Any, settings: Any, progress: Callable[[float, str], None]) -> RetrainReport:
+    async def train(db: Any, settings: Any, progress: Callable[[float, str], None]) -> TrainingResult:
         for shown, (fraction, text) in enumerate(steps, start=1):
             await asyncio.to_thread(progress, fraction, text)  # train/ reports from worker threads
             await shop.fake.wait_for(lambda f: len(retrain_chat(shop, since).edits) == shown)
         progress(1.0, "done")  # the result follows at once: this line may be skipped, never shown after it
-        return RetrainReport(None, False, "not enough feedback yet", {"searches": 3, "pairs": 0})
+        return TrainingResult("insufficient", None, {"searches": 3, "pairs": 0}, "not enough feedback yet")
 
     monkeypatch.setattr(shop.svc.retrainer, "train", train)
     shop.fake.user_sends_command(ADMIN, "retrain")
@@ -597,8 +598,8 @@ async def first_image_showing(shop: Running, products: set[str]) -> bytes:
     from ffengine.images import load_image
 
     candidates = [make_image(n) for n in range(200, 260)]
-    _, recs = await asyncio.to_thread(shop.svc.models.current.search_batch, [load_image(c) for c in candidates], 5)
-    return next(c for c, found in zip(candidates, recs, strict=True) if products & {r.product.id for r in found})
+    answers = await asyncio.to_thread(shop.svc.models.current.answer_photos, [load_image(c) for c in candidates], 5)
+    return next(c for c, a in zip(candidates, answers, strict=True) if products & {r.product.id for r in a.recommendations})
 
 
 async def test_stale_photo_file_ids_are_replaced(shop: Running) -> None:
@@ -652,7 +653,7 @@ async def test_product_links_telegram_refuses_still_leave_a_working_rating_keybo
         uid = 160
         keyboard = await shop.search(uid, make_image(62))
         rows = buttons(keyboard)
-        assert len(rows) == 5 and all([b["text"] for b in row] == [f"{rank} 👍", f"{rank} 👎"] for rank, row in enumerate(rows, 1))
+        assert len(rows) == 5 and all([b["text"] for b in row] == [f"{rank} 👍", f"{rank} 👎", f"{rank} 🔁"] for rank, row in enumerate(rows, 1))
         album = [m for m in shop.fake.messages_to(uid) if "photo" in m]
         assert len(album) == 5 and not any(REFUSED_LINKS[0] in m["caption"] for m in album)  # too long for a caption
         await shop.press(uid, keyboard, rows[0][0]["callback_data"])
@@ -671,10 +672,10 @@ async def test_a_link_telegram_refuses_anyway_costs_only_the_link_buttons(shop: 
     keyboard = await shop.search(uid, make_image(63))
     assert [c.status for c in shop.fake.calls_of("sendMessage", chat_id=uid)] == [400, 200]
     rows = buttons(keyboard)
-    assert len(rows) == 5 and all(len(row) == 2 for row in rows)  # the rating buttons, without the links
+    assert len(rows) == 5 and all([b["text"][2:] for b in row] == ["👍", "👎", "🔁"] for row in rows)  # the rating buttons, without the links
     await shop.press(uid, keyboard, rows[1][1]["callback_data"])
     assert shop.rows("SELECT value FROM feedback WHERE recommendation_id=?", int(rows[1][1]["callback_data"].split(":")[1])) == [(-1,)]
-    await shop.fake.wait_for(lambda f: [b["text"] for b in buttons(f.message(uid, keyboard["message_id"]))[1]] == ["2 👍", "✅2 👎"])
+    await shop.fake.wait_for(lambda f: [b["text"] for b in buttons(f.message(uid, keyboard["message_id"]))[1]] == ["2 👍", "✅2 👎", "2 🔁"])
     assert any("rating keyboard refused" in r.getMessage() and "button_url_invalid" in r.getMessage().lower() for r in caplog.records)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -23,15 +24,21 @@ class SlowModel:
         self.release = threading.Event()
         self.release.set()
 
-    def search_batch(self, images, k):
+    def answer_photos(self, images, k):
         self.release.wait(5)
         self.threads.add(threading.get_ident())
         self.batches.append(len(images))
         time.sleep(self.delay)
         if self.fail:
             raise RuntimeError("model exploded")
-        widths = [img.width for img in images]
-        return np.array([[w] for w in widths], dtype=np.float32), [[f"{self.name}:{w}"] * k for w in widths]
+        return [Answer(np.array([img.width], dtype=np.float32), [f"{self.name}:{img.width}"] * k, [img.height]) for img in images]
+
+
+@dataclass(frozen=True)
+class Answer:
+    features: np.ndarray
+    recommendations: list
+    items: list
 
 
 def img(n: int) -> Image.Image:
@@ -130,3 +137,32 @@ async def test_a_caller_that_gave_up_is_skipped() -> None:
     await first
     await batcher.close()
     assert model.batches == [1]  # picture 2 was never embedded
+
+
+async def test_other_model_work_waits_its_turn_on_the_model_thread() -> None:
+    """An item search or "more like this" queues with the photos, runs alone on the same thread,
+    and comes back with the model that ran it."""
+    model = SlowModel()
+    model.release.clear()
+    batcher = SearchBatcher(lambda: model, max_queue=1, max_batch=8, max_wait_s=0.005)
+    batcher.start()
+    photo = asyncio.create_task(batcher.search(img(1)))
+    await asyncio.sleep(0.05)  # the model thread holds the photo; the queue is empty
+    order: list[str] = []
+    call = asyncio.create_task(batcher.run(lambda m: order.append(m.name) or threading.get_ident()))
+    await asyncio.sleep(0.01)
+    assert batcher.depth == 2 and not call.done()
+    with pytest.raises(QueueFull):
+        await batcher.run(lambda m: None)
+    model.release.set()
+    ran_on, result = await call, await photo
+    assert ran_on[0] is model and ran_on[1] in model.threads and order == ["m1"]
+    assert result.items == [4]
+
+    def expired(m: SlowModel) -> None:
+        raise KeyError("gone")
+
+    with pytest.raises(KeyError, match="gone"):
+        await batcher.run(expired)
+    assert (await batcher.search(img(9))).features[0] == 9  # the loop lives on
+    await batcher.close()

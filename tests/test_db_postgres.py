@@ -136,6 +136,27 @@ async def test_search_rate_export_forget(db: Database, probe: AsyncEngine) -> No
         assert await scalar(probe, f"SELECT count(*) FROM {table}") == 0
 
 
+async def test_item_presses_imply_likes_and_are_forgotten(db: Database, probe: AsyncEngine) -> None:
+    """The implied-like query and the erasure of items and origins, on PostgreSQL's planner and constraints."""
+    from ffengine.db import Origin
+    from tests.test_db_presses import OUTFIT, SHOWN, catalogue
+
+    emb = np.zeros(1280, np.float32)
+    await catalogue(db)
+    parent = await db.record_search(7, "AQAD", emb, None, 1.0, "ok", SHOWN, file_id="f", items=OUTFIT)
+    assert (await db.pressed_item(7, parent.search_id, 1)).item.box == OUTFIT[1].box
+    with pytest.raises(FeedbackRefused):
+        await db.pressed_item(8, parent.search_id, 1)
+    await db.record_search(7, None, emb, None, 1.0, "ok", [("j3", 0.1)], origin=Origin.item(parent.search_id, 1))
+    more = await db.pressed_recommendation(7, parent.recommendation_ids[0])
+    await db.record_search(7, None, emb, None, 1.0, "ok", [("t2", 0.1)], origin=Origin.more_like(more))
+    (exported,) = await db.export_feedback(rated_only=True)
+    assert [i.rating for i in exported.items] == [None, 1, None, 1, None] and exported.search_id == parent.search_id
+    assert await db.forget_user(7) == 2 + 3 + 3 + 7 + 1
+    for table in ("searches", "search_items", "search_origins", "recommendations"):
+        assert await scalar(probe, f"SELECT count(*) FROM {table}") == 0
+
+
 async def test_products_on_postgres(pg_url: str, db: Database) -> None:
     from ffengine.catalog import Product
 

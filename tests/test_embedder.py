@@ -156,7 +156,7 @@ def test_cuda_requested_without_cuda_is_a_clear_error():
 
 
 def test_unknown_runtime_is_refused():
-    with pytest.raises(ConfigError, match="runtime must be one of auto, torch, onnx"):
+    with pytest.raises(ConfigError, match="runtime must be one of auto, openvino, onnx, torch"):
         Embedder(None, "cpu", runtime="tensorrt")
 
 

@@ -19,7 +19,7 @@ from ffengine.db.migrate import alembic_config, current_revision, head_revision,
 from ffengine.db.models import Base
 
 REPO = Path(__file__).resolve().parents[1]
-TABLES = {"users", "searches", "recommendations", "feedback", "products", "model_versions", "training_runs"}
+TABLES = {"users", "searches", "recommendations", "feedback", "products", "model_versions", "training_runs", "search_items", "search_origins"}
 
 
 def sqlite_url(path: Path) -> str:
@@ -96,6 +96,36 @@ def test_each_step_down_keeps_the_data_and_comes_back_up(tmp_path: Path) -> None
     command.upgrade(cfg, "head")
     assert current_revision(sqlite_url(path)) == head_revision()
     assert schema_diff(path) == []
+
+
+def test_the_items_migration_goes_down_and_up_without_touching_the_search_log(tmp_path: Path) -> None:
+    """SQLite cascades a dropped table into the rows that reference it: 0003 must never copy ``searches``."""
+    path = tmp_path / "ff.db"
+    cfg = alembic_config(sqlite_url(path))
+    command.upgrade(cfg, "head")
+    log = ("users", "searches", "recommendations", "feedback")
+    with sqlite3.connect(path) as conn:
+        conn.executescript(
+            """
+            PRAGMA foreign_keys = ON;
+            INSERT INTO users (id, first_seen, last_seen) VALUES (7, '2026-01-01', '2026-01-01');
+            INSERT INTO searches (id, user_id, created_at, latency_ms, outcome, file_id) VALUES (1, 7, '2026-01-01', 5, 'ok', 'f1'), (2, 7, '2026-01-01', 5, 'ok', NULL);
+            INSERT INTO recommendations (id, search_id, rank, product_id, distance) VALUES (1, 1, 1, 'p1', 0.1), (2, 2, 1, 'p2', 0.1);
+            INSERT INTO feedback (user_id, recommendation_id, value, created_at, updated_at) VALUES (7, 1, 1, '2026-01-01', '2026-01-01');
+            INSERT INTO search_items VALUES (1, 0, 'Jeans', 0.5, 0, 0, 10, 10);
+            INSERT INTO search_origins VALUES (2, 'item', 1, 0, NULL);
+            """
+        )
+        with pytest.raises(sqlite3.IntegrityError):  # an origin names its source, and only one kind of source
+            conn.execute("INSERT INTO search_origins VALUES (1, 'more_like', 2, 0, 2)")
+        before = {table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0] for table in log}
+    command.downgrade(cfg, "0002")
+    with sqlite3.connect(path) as conn:
+        assert {table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0] for table in log} == before == {t: n for t, n in zip(log, (1, 2, 2, 1), strict=True)}
+        assert "file_id" not in {row[1] for row in conn.execute("PRAGMA table_info(searches)")}
+    assert tables(path) == TABLES - {"search_items", "search_origins"}
+    command.upgrade(cfg, "head")
+    assert tables(path) == TABLES and schema_diff(path) == []
 
 
 async def test_open_upgrades_and_sets_up_sqlite(tmp_path: Path) -> None:

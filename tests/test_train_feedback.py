@@ -15,8 +15,8 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator
-from dataclasses import replace
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,7 @@ import pytest
 
 from ffengine.catalog import Product
 from ffengine.config import EngineSettings
-from ffengine.db import Database
+from ffengine.db import Database, Origin
 from ffengine.errors import IndexLoadError
 from ffengine.images import load_image
 from ffengine.index import Index, Reduction, write_index
@@ -72,17 +72,21 @@ class World:
         return self
 
 
-async def shoppers(db: Database, world: World, index: Index, version_id: int, n: int, seed: int = 1) -> None:
-    """``n`` searches, each rated on all five results: 👍 when the category is the wanted one."""
+def photos(world: World, index: Index, n: int, seed: int) -> Iterator[tuple[int, int, int, np.ndarray, np.ndarray, list[tuple[str, float]]]]:
+    """``n`` shoppers' photos: (number, user, wanted category, query features, rows shown, (product id, distance) shown)."""
     rng = np.random.default_rng(seed)
     for i in range(n):
         wanted = int(rng.integers(0, len(CATEGORIES)))
         query = world.sample(wanted)
         dist, idx = index.search(query[None, :], 5)
-        user = 1 + i % 7
-        record = await db.record_search(user, f"photo-{seed}-{i}", query, version_id, 5.0, "ok",
-                                        [(index.products[j].id, float(d)) for j, d in zip(idx[0], dist[0], strict=True)])
-        for rec_id, j in zip(record.recommendation_ids, idx[0], strict=True):
+        yield i, 1 + i % 7, wanted, query, idx[0], [(index.products[j].id, float(d)) for j, d in zip(idx[0], dist[0], strict=True)]
+
+
+async def shoppers(db: Database, world: World, index: Index, version_id: int, n: int, seed: int = 1) -> None:
+    """``n`` searches, each rated on all five results: 👍 when the category is the wanted one."""
+    for i, user, wanted, query, rows, shown in photos(world, index, n, seed):
+        record = await db.record_search(user, f"photo-{seed}-{i}", query, version_id, 5.0, "ok", shown)
+        for rec_id, j in zip(record.recommendation_ids, rows, strict=True):
             await db.rate(user, rec_id, 1 if index.products[j].category == CATEGORIES[wanted] else -1)
 
 
@@ -146,6 +150,53 @@ async def db(tmp_path: Path) -> AsyncIterator[Database]:
 async def base_version(db: Database, settings: EngineSettings) -> int:
     version = await db.create_model_version("base", settings.weights, str(settings.index_dir), activate=True)
     return version.id
+
+
+@dataclass(frozen=True)
+class SeenItem:
+    """An item the engine saw in an outfit photo (shaped like ``ffengine.items.Item``)."""
+
+    category: str
+    probability: float = 0.5
+    box: tuple[int, int, int, int] = (0, 0, 10, 10)
+
+
+async def outfit_shoppers(db: Database, world: World, index: Index, version_id: int, n: int, seed: int = 4) -> list[tuple[int, int, int]]:
+    """``n`` outfit photos (every category seen in each) whose shoppers only ever press 👎, on results of
+    a category they did not want; returns (user, photo search, wanted item) for each."""
+    seen = [SeenItem(c) for c in CATEGORIES]
+    searches = []
+    for i, user, wanted, query, rows, shown in photos(world, index, n, seed):
+        record = await db.record_search(user, f"outfit-{seed}-{i}", query, version_id, 5.0, "ok", shown, file_id=f"file-{i}", items=seen)
+        for rec_id, j in zip(record.recommendation_ids, rows, strict=True):
+            if index.products[j].category != CATEGORIES[wanted]:
+                await db.rate(user, rec_id, -1)
+        searches.append((user, record.search_id, wanted))
+    return searches
+
+
+async def test_a_chosen_item_is_the_like_the_retraining_learns_from(db: Database, settings: EngineSettings, world: World) -> None:
+    """Shoppers who never press 👍 but pick the item they meant: without the picks there is nothing to
+    learn (no liked product), with them the taste is learnt and the new version promoted."""
+    base = await base_version(db, settings)
+    await db.upsert_products(world.products)  # the catalogue's categories, as the bot stores them
+    searches = await outfit_shoppers(db, world, world.index, base, n=150)
+    before = await retrain_from_feedback_async(db, settings, options=FAST)
+    assert before.status == "insufficient" and (before.metrics["likes"], before.metrics["pairs"], before.metrics["chosen_item_likes"]) == (0, 0, 0)
+
+    for user, search_id, wanted in searches:
+        await db.record_search(user, None, world.sample(wanted), base, 5.0, "ok", [], origin=Origin.item(search_id, wanted))
+    exported = await db.export_feedback(rated_only=True)
+    implied = [i for s in exported for i in s.items if i.implicit]
+    assert implied and all(i.rating == 1 for i in implied)
+    category = {p.id: p.category for p in world.products}
+    wanted_of = {search_id: CATEGORIES[wanted] for _, search_id, wanted in searches}
+    assert all(category[i.product_id] == wanted_of[s.search_id] for s in exported for i in s.items if i.implicit)
+
+    after = await retrain_from_feedback_async(db, settings, options=FAST)
+    assert after.metrics["likes"] == after.metrics["chosen_item_likes"] == len(implied) and after.metrics["pairs"] >= FAST.min_pairs
+    assert after.status == "promoted", after.reason
+    assert after.metrics["holdout_pairwise_after"] > after.metrics["holdout_pairwise_before"]
 
 
 async def test_too_little_feedback_stops_with_what_is_needed(db: Database, settings: EngineSettings, world: World) -> None:

@@ -5,7 +5,9 @@ One run:
 1. take the training lock (:mod:`train.lock`) and open a ``training_runs`` row (runs
    whose process died are closed as failed first);
 2. read the logged searches of the active backbone (query features, what was shown,
-   the ratings) and the active index (catalogue features, current projection);
+   the ratings) and the active index (catalogue features, current projection); a shopper
+   who chose an item of their photo ("Which item?") liked the products of that item's
+   category the photo's answer showed, unless they rated them otherwise;
 3. stop with a clear message if there is too little feedback;
 4. learn a linear map on top of the current projection (:mod:`train.metric`) from the
    older searches; score the newest ones (held out) before/after — how often a liked
@@ -122,8 +124,13 @@ async def _retrain(db: Database, settings: EngineSettings, opts: FeedbackOptions
         "train_searches": train.searches,
         "holdout_searches": held.searches,
         "holdout_pairs": len(held.triples),
+        "chosen_item_likes": sum(item.implicit for search in searches for item in search.items),
     }
-    await run.step(0.05, f"{data.searches} rated searches: {data.likes} 👍, {data.dislikes} 👎, {len(data.triples)} pairs")
+    await run.step(
+        0.05,
+        f"{data.searches} rated searches: {data.likes} 👍 ({counts['chosen_item_likes']} implied by chosen items), "
+        f"{data.dislikes} 👎, {len(data.triples)} pairs",
+    )
     short = not_enough(counts, opts)
     if short:
         return TrainingResult("insufficient", None, counts, short)

@@ -2,7 +2,8 @@
 
 Callback data comes from the network, so nothing in it is trusted: it must parse as
 ``r:<id>:<±1>`` and the database refuses a recommendation that is not the presser's own.
-The keyboard is then redrawn from what the database holds, not from what was pressed.
+The keyboard is then redrawn from what the database holds, not from what was pressed
+(its "more like this" and item buttons as they were).
 A press the database cannot store now (down, restarting, its file gone) is still answered:
 the shopper is asked to tap again, and the admins are told.
 """
@@ -17,32 +18,17 @@ from telegram.ext import BaseHandler, CallbackQueryHandler
 
 from bot import texts
 from bot.context import FFContext
-from bot.handlers.errors import alert_admins, describe
-from bot.keyboards import RATING_PREFIX, items_from_keyboard, parse_rating, rating_keyboard
-from ffengine.db import FeedbackRefused, StorageUnavailable
+from bot.handlers.buttons import look_up
+from bot.keyboards import RATING_PREFIX, items_from_keyboard, offered_from_keyboard, parse_rating, rating_keyboard
 
 log = logging.getLogger(__name__)
 
 
 async def on_rating(update: Update, context: FFContext) -> None:
-    query = update.callback_query
+    db, query = context.services.db, update.callback_query
     assert query is not None
-    press = parse_rating(query.data)
-    if press is None:
-        log.info("refused malformed rating data from user %s", query.from_user.id)
-        await query.answer(texts.EXPIRED, show_alert=True)
-        return
-    db = context.services.db
-    try:
-        result = await db.rate(query.from_user.id, press.recommendation_id, press.value)
-    except FeedbackRefused as exc:
-        log.info("rating refused for user %s: %s", query.from_user.id, exc.reason)
-        await query.answer(texts.NOT_YOURS if exc.reason == "not_yours" else texts.EXPIRED, show_alert=True)
-        return
-    except StorageUnavailable as exc:
-        log.warning("rating of user %s not saved: %s", query.from_user.id, exc)
-        await query.answer(texts.NOT_SAVED, show_alert=True)
-        await alert_admins(context.application, f"Ratings are not being saved: {exc}", describe(update))
+    result = await look_up(update, context, "ratings", parse_rating, lambda user, press: db.rate(user, press.recommendation_id, press.value))
+    if result is None:
         return
     await query.answer(texts.RATED[result.value])
     message = query.message
@@ -52,7 +38,7 @@ async def on_rating(update: Update, context: FFContext) -> None:
     if not any(item.recommendation_id == result.recommendation_id for item in items):
         return  # pressed on a message this bot did not draw: nothing to redraw
     choices = await db.ratings_for_search(query.from_user.id, result.search_id)
-    markup = rating_keyboard(items, choices)
+    markup = rating_keyboard(items, choices, offered_from_keyboard(message.reply_markup))
     if message.reply_markup is not None and markup.to_dict() == message.reply_markup.to_dict():
         return
     try:

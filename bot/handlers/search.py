@@ -1,4 +1,5 @@
-"""A photo (or an image file) in, five products and a rating keyboard out.
+"""A photo (or an image file) in, five products and a rating keyboard out, with buttons for
+the other garments the engine saw in the photo (:mod:`bot.handlers.items` answers those).
 
 Bad input never reaches the model: size is checked before downloading, the picture is
 decoded in a worker thread by :func:`ffengine.images.load_image` (which refuses bombs and
@@ -14,10 +15,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from telegram import Bot, Message, Update
+import numpy as np
+from PIL import Image
+from telegram import Bot, Update
 from telegram.constants import ChatAction
 from telegram.error import BadRequest, TelegramError
 from telegram.ext import BaseHandler, MessageHandler, filters
@@ -26,8 +30,8 @@ from bot import texts
 from bot.album import send_album
 from bot.batcher import QueueFull
 from bot.context import BotServices, FFContext
-from bot.keyboards import RatingItem, rating_keyboard, without_links
-from ffengine.db import SearchRecord
+from bot.keyboards import ItemButton, RatingItem, offered_items, rating_keyboard, without_links
+from ffengine.db import Origin, SearchRecord
 from ffengine.errors import ImageRejected
 from ffengine.images import load_image, mib
 from ffengine.recommend import Recommendation
@@ -101,6 +105,23 @@ async def download(bot: Bot, upload: Upload, limit: int) -> bytes:
     return bytes(data)
 
 
+Offer = Callable[[SearchRecord], list[ItemButton]]
+
+
+def no_offer(record: SearchRecord) -> list[ItemButton]:
+    return []
+
+
+@dataclass(frozen=True)
+class Found:
+    """A search's answer while it is being logged, and the items to offer under it (they may
+    need the logged search's id)."""
+
+    recs: list[Recommendation]
+    logging_done: asyncio.Task[SearchRecord]
+    offer: Offer = no_offer
+
+
 async def search_and_answer(update: Update, context: FFContext, upload: Upload, *, note: str | None = None) -> None:
     """The whole search for one picture; the user gets an answer whatever happens."""
     svc = context.services
@@ -109,84 +130,103 @@ async def search_and_answer(update: Update, context: FFContext, upload: Upload, 
     if user.id in svc.in_flight:
         await message.reply_text(texts.ONE_AT_A_TIME)
         return
-    svc.in_flight.add(user.id)
     started = time.perf_counter()
     try:
-        async with showing_upload(context.bot, message.chat_id):
-            try:
-                recs, logging_done = await _find(svc, context.bot, user.id, upload, started)
-            except BaseException:
-                svc.in_flight.discard(user.id)
-                raise
-            # the model work is over; the user's slot frees once the search is logged
-            logging_done.add_done_callback(lambda _: svc.in_flight.discard(user.id))
-            await _answer(context, message, recs, logging_done, note)
+        await answer_search(context, user.id, message.chat_id, lambda: _find(svc, context.bot, user.id, upload, started), note)
     except Refused as refused:
-        await _log_refusal(svc, user.id, upload.file_unique_id, started, refused.outcome)
+        await log_refusal(svc, user.id, upload.file_unique_id, started, refused.outcome)
         await message.reply_text(refused.reply)
 
 
-async def _find(svc: BotServices, bot: Bot, user_id: int, upload: Upload, started: float) -> tuple[list[Recommendation], asyncio.Task[SearchRecord]]:
-    """Download, decode, embed and search (through the batcher); the search is logged by the returned task."""
+async def answer_search(context: FFContext, user_id: int, chat_id: int, find: Callable[[], Awaitable[Found]], note: str | None) -> None:
+    """``find`` while holding the user's one search slot (the caller saw it free), then the answer.
+
+    The slot frees once the search is logged, not once the album is sent: the model work is
+    over by then, and /forget (which waits for the slot) must not run before the log line lands.
+    :class:`Refused` is the caller's to answer.
+    """
+    svc = context.services
+    svc.in_flight.add(user_id)
+    async with showing_upload(context.bot, chat_id):
+        try:
+            found = await find()
+        except BaseException:
+            svc.in_flight.discard(user_id)
+            raise
+        found.logging_done.add_done_callback(lambda _: svc.in_flight.discard(user_id))
+        await send_results(context, chat_id, found, note)
+
+
+async def fetch_image(svc: BotServices, bot: Bot, upload: Upload) -> Image.Image:
+    """Download and decode (in a worker thread) the picture, or :class:`Refused`."""
     data = await download(bot, upload, svc.settings.max_download_bytes)
     try:
-        image = await asyncio.to_thread(load_image, data, max_bytes=svc.settings.max_download_bytes)
+        return await asyncio.to_thread(load_image, data, max_bytes=svc.settings.max_download_bytes)
     except ImageRejected as exc:
         raise Refused(exc.reason, texts.BAD_IMAGE.format(reason=exc)) from None
+
+
+def log_search(
+    svc: BotServices, user_id: int, file_unique_id: str | None, version_id: int, features: np.ndarray, recs: list[Recommendation], started: float, **extra: Any
+) -> asyncio.Task[SearchRecord]:
+    """Log an answered search (by model version ``version_id``) in a task of its own, so that the
+    album is sent meanwhile; ``extra``: its ``file_id`` and ``items``, or its ``origin``."""
+    results = [(r.product.id, r.distance) for r in recs]
+    latency = (time.perf_counter() - started) * 1000
+    outcome = "ok" if recs else "no_results"
+    return asyncio.ensure_future(svc.db.record_search(user_id, file_unique_id, features, version_id, latency, outcome, results, **extra))
+
+
+async def _find(svc: BotServices, bot: Bot, user_id: int, upload: Upload, started: float) -> Found:
+    """Download, decode, embed and search (through the batcher); the search is logged by the returned task."""
+    image = await fetch_image(svc, bot, upload)
     try:
         result = await svc.batcher.search(image)
     except QueueFull:
         raise Refused("busy", texts.BUSY) from None
     recs = result.recommendations
-    logging_done = asyncio.ensure_future(
-        svc.db.record_search(
-            user_id,
-            upload.file_unique_id,
-            result.features,
-            result.model.version_id,
-            (time.perf_counter() - started) * 1000,
-            "ok" if recs else "no_results",
-            [(r.product.id, r.distance) for r in recs],
-        )
-    )
-    return recs, logging_done
+    logging_done = log_search(svc, user_id, upload.file_unique_id, result.model.version_id, result.features, recs, started, file_id=upload.file_id, items=result.items)
+    categories, shown = [i.category for i in result.items], recs[0].product.category if recs else None
+    return Found(recs, logging_done, lambda record: offered_items(record.search_id, categories, shown))
 
 
-async def _answer(context: FFContext, message: Message, recs: list[Recommendation], logging_done: asyncio.Task[SearchRecord], note: str | None) -> None:
+async def send_results(context: FFContext, chat_id: int, found: Found, note: str | None) -> None:
     """The album of products (sent while the search is being logged), then the rating keyboard
     (Telegram cannot attach one to an album; its buttons need the logged recommendation ids)."""
+    recs = found.recs
     try:
         if note:
-            await message.reply_text(note)
+            await context.bot.send_message(chat_id, note)
         if recs:
-            await send_album(context.bot, context.services.db, message.chat_id, recs, context.services.background.spawn)
+            await send_album(context.bot, context.services.db, chat_id, recs, context.services.background.spawn)
     finally:
-        record = await logging_done  # never left behind, even when sending failed
+        record = await found.logging_done  # never left behind, even when sending failed
     if not recs:
-        await message.reply_text(texts.NO_RESULTS)
+        await context.bot.send_message(chat_id, texts.NO_RESULTS)
         return
     items = [RatingItem(rank, rec_id, r.product.url) for rank, (rec_id, r) in enumerate(zip(record.recommendation_ids, recs, strict=True), 1)]
-    await send_rating_keyboard(context.bot, message.chat_id, items)
+    await send_rating_keyboard(context.bot, chat_id, items, found.offer(record))
 
 
-async def send_rating_keyboard(bot: Bot, chat_id: int, items: list[RatingItem]) -> None:
-    """The rating keyboard; sent again without link buttons if Telegram refuses it.
+async def send_rating_keyboard(bot: Bot, chat_id: int, items: list[RatingItem], offered: Sequence[ItemButton] = ()) -> None:
+    """The rating keyboard (and the ``offered`` items); sent again without link buttons if Telegram refuses it.
 
     Links are checked before they are drawn (:func:`ffengine.catalog.is_linkable_url`), but
     Telegram's rules for link buttons are its own: one refused link must not cost the
     shopper the rating buttons.
     """
+    text = f"{texts.RESULTS}\n\n{texts.LOOKING_FOR.format(items=' · '.join(i.label for i in offered))}" if offered else texts.RESULTS
     try:
-        await bot.send_message(chat_id, texts.RESULTS, reply_markup=rating_keyboard(items))
+        await bot.send_message(chat_id, text, reply_markup=rating_keyboard(items, offered=offered))
     except BadRequest as exc:
         if all(item.url is None for item in items):
             raise
         log.warning("rating keyboard refused in chat %s (%s); sending it without links", chat_id, exc.message)
-        await bot.send_message(chat_id, texts.RESULTS, reply_markup=rating_keyboard(without_links(items)))
+        await bot.send_message(chat_id, text, reply_markup=rating_keyboard(without_links(items), offered=offered))
 
 
-async def _log_refusal(svc: BotServices, user_id: int, file_unique_id: str | None, started: float, outcome: str) -> None:
-    await svc.db.record_search(user_id, file_unique_id, None, None, (time.perf_counter() - started) * 1000, outcome, [])
+async def log_refusal(svc: BotServices, user_id: int, file_unique_id: str | None, started: float, outcome: str, origin: Origin | None = None) -> None:
+    await svc.db.record_search(user_id, file_unique_id, None, None, (time.perf_counter() - started) * 1000, outcome, [], origin=origin)
 
 
 async def on_photo(update: Update, context: FFContext) -> None:
@@ -210,7 +250,7 @@ async def on_image_file(update: Update, context: FFContext) -> None:
 async def _refuse(update: Update, context: FFContext, file_unique_id: str | None, outcome: str, reply: str) -> None:
     user = update.effective_user
     assert user is not None and update.effective_message is not None
-    await _log_refusal(context.services, user.id, file_unique_id, time.perf_counter(), outcome)
+    await log_refusal(context.services, user.id, file_unique_id, time.perf_counter(), outcome)
     await update.effective_message.reply_text(reply)
 
 

@@ -19,6 +19,7 @@ from ffengine.db import migrate
 from ffengine.db import models as m
 from ffengine.db.engine import display_url, make_engine
 from ffengine.db.errors import StorageError
+from ffengine.db.presses import PressLog
 from ffengine.db.products import ProductStore
 from ffengine.db.records import LikeRate, Stats
 from ffengine.db.searches import SearchLog
@@ -32,7 +33,7 @@ LATENCY_WINDOW = 1000  # stats: percentiles over this many most recent successfu
 UNVERSIONED = "(no version)"  # stats.like_rate key for searches answered without a model version
 
 
-class Database(UserStore, SearchLog, ProductStore, ModelRegistry, TrainingLog):
+class Database(UserStore, SearchLog, PressLog, ProductStore, ModelRegistry, TrainingLog):
     """Async storage on any SQLAlchemy URL (SQLite file by default, PostgreSQL via asyncpg)."""
 
     @classmethod

@@ -14,11 +14,11 @@ class NotFound(StorageError):
 
 
 class FeedbackRefused(StorageError):
-    """A rating cannot be recorded; nothing was written.
+    """A button press (a rating, an item, "more like this") cannot be followed; nothing was written.
 
     ``reason`` is a short machine-readable kind for logs and metrics:
-    ``bad_value`` (not +1/-1), ``not_found`` (no such recommendation),
-    ``not_yours`` (the recommendation answered someone else's search).
+    ``bad_value`` (not +1/-1), ``not_found`` (no such recommendation, search or item),
+    ``not_yours`` (it belongs to someone else's search).
     """
 
     def __init__(self, message: str, reason: str) -> None:

@@ -19,6 +19,7 @@ EMBEDDING_DIM = 1280  # == ffengine.embedder.FEATURE_DIM (kept here so storage n
 EMBEDDING_BYTES = EMBEDDING_DIM * 4  # float32
 PRODUCT_ID_MAX = 255  # >= ffengine.catalog.MAX_ID_LENGTH
 TRAINING_STATUSES = ("running", "succeeded", "failed", "rejected")
+CATEGORY_MAX = 128  # == Product.category's length
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -115,6 +116,57 @@ class Search(Base):
     model_version_id: Mapped[int | None] = mapped_column(sa.ForeignKey("model_versions.id"), index=True)
     latency_ms: Mapped[float] = mapped_column(sa.Float)
     outcome: Mapped[str] = mapped_column(sa.String(32))
+    #: Telegram's downloadable id of the photo: pressing one of its items downloads it again
+    #: (the photo itself is never stored).
+    file_id: Mapped[str | None] = mapped_column(sa.String(256))
+
+
+class SearchItem(Base):
+    """A garment the engine saw in a photo search (most probable first), offered as a button.
+
+    The box is in the photo's own pixels, so pressing the item crops the same place again.
+    """
+
+    __tablename__ = "search_items"
+    __table_args__ = (
+        sa.CheckConstraint("position >= 0", name="position_nonnegative"),
+        sa.CheckConstraint("probability >= 0 AND probability <= 1", name="probability_fraction"),
+        sa.CheckConstraint("box_left >= 0 AND box_top >= 0 AND box_right > box_left AND box_bottom > box_top", name="box_valid"),
+    )
+
+    search_id: Mapped[int] = mapped_column(sa.ForeignKey("searches.id", ondelete="CASCADE"), primary_key=True)
+    position: Mapped[int] = mapped_column(sa.SmallInteger, primary_key=True, autoincrement=False)
+    category: Mapped[str] = mapped_column(sa.String(CATEGORY_MAX))
+    probability: Mapped[float] = mapped_column(sa.Float)
+    box_left: Mapped[int] = mapped_column(sa.Integer)
+    box_top: Mapped[int] = mapped_column(sa.Integer)
+    box_right: Mapped[int] = mapped_column(sa.Integer)
+    box_bottom: Mapped[int] = mapped_column(sa.Integer)
+
+
+class SearchOrigin(Base):
+    """Where a search that started from a button came from: an item of an earlier photo search
+    (``item``) or a product an earlier search showed (``more_like``). A search without one
+    started from a photo. A table of its own, not columns on ``searches``: SQLite would copy
+    ``searches`` to add constraints, and dropping the old copy cascades into its recommendations.
+    """
+
+    __tablename__ = "search_origins"
+    __table_args__ = (
+        sa.CheckConstraint(
+            "(kind = 'item' AND item_index IS NOT NULL AND source_recommendation_id IS NULL)"
+            " OR (kind = 'more_like' AND item_index IS NULL AND source_recommendation_id IS NOT NULL)",
+            name="kind_matches_source",
+        ),
+    )
+
+    search_id: Mapped[int] = mapped_column(sa.ForeignKey("searches.id", ondelete="CASCADE"), primary_key=True, autoincrement=False)
+    kind: Mapped[str] = mapped_column(sa.String(16))
+    parent_search_id: Mapped[int] = mapped_column(sa.ForeignKey("searches.id", ondelete="CASCADE"), index=True)
+    item_index: Mapped[int | None] = mapped_column(sa.SmallInteger)
+    source_recommendation_id: Mapped[int | None] = mapped_column(
+        sa.ForeignKey("recommendations.id", ondelete="CASCADE"), index=True
+    )
 
 
 class Recommendation(Base):

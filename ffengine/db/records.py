@@ -17,6 +17,55 @@ class SearchRecord:
 
 
 @dataclass(frozen=True)
+class StoredItem:
+    """A garment seen in a photo search, as logged: its button's place, category and box."""
+
+    position: int  # 0 = the most probable
+    category: str
+    probability: float
+    box: tuple[int, int, int, int]  # (left, top, right, bottom) in the photo's own pixels
+
+
+@dataclass(frozen=True)
+class PressedItem:
+    """An item button its own user pressed: what searching that item again needs."""
+
+    search_id: int
+    item: StoredItem
+    items: list[StoredItem]  # all of the photo's items (the answer offers the others)
+    file_id: str | None  # None: the photo can no longer be downloaded
+    file_unique_id: str | None
+    model_version_id: int | None
+
+
+@dataclass(frozen=True)
+class PressedRecommendation:
+    """A "more like this" button its own user pressed: the product to search with."""
+
+    recommendation_id: int
+    search_id: int
+    product_id: str
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Which button a search started from (see ``models.SearchOrigin``); use the constructors."""
+
+    kind: str  # "item" or "more_like"
+    parent_search_id: int
+    item_index: int | None = None
+    source_recommendation_id: int | None = None
+
+    @classmethod
+    def item(cls, search_id: int, position: int) -> Origin:
+        return cls("item", search_id, item_index=position)
+
+    @classmethod
+    def more_like(cls, pressed: PressedRecommendation) -> Origin:
+        return cls("more_like", pressed.search_id, source_recommendation_id=pressed.recommendation_id)
+
+
+@dataclass(frozen=True)
 class RatingResult:
     recommendation_id: int
     search_id: int
@@ -62,6 +111,7 @@ class FeedbackItem:
     product_id: str
     distance: float
     rating: int | None  # the searcher's +1 / -1, None when not rated
+    implicit: bool = False  # the +1 was not pressed: the searcher chose an item of this product's category
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from ffengine.db import models as m
 from ffengine.db.errors import FeedbackRefused, NotFound
-from ffengine.db.records import FeedbackItem, FeedbackSearch, RatingResult, RecommendationRow, SearchRecord
+from ffengine.db.presses import ItemLike, add_origin, check_origin, implied_likes, item_rows, owned_recommendation
+from ffengine.db.records import FeedbackItem, FeedbackSearch, Origin, RatingResult, RecommendationRow, SearchRecord
 from ffengine.db.store import Store, check_finite, check_id, check_text, check_user_id
 from ffengine.db.users import ensure_user
 
@@ -46,15 +47,26 @@ class SearchLog(Store):
         latency_ms: float,
         outcome: str,
         results: Sequence[tuple[str, float]],
+        *,
+        file_id: str | None = None,
+        items: Sequence[ItemLike] = (),
+        origin: Origin | None = None,
     ) -> SearchRecord:
         """Log one search and what it showed (``results`` in rank order, rank 1 first).
 
         ``outcome`` is ``"ok"`` or a short error kind (``not_image``, ``timeout``...).
         The user row is created if the bot never touched it. Only the photo's Telegram
-        ``file_unique_id`` and its embedding are kept, never the photo.
+        ``file_unique_id`` / ``file_id`` and its embedding are kept, never the photo.
+        A photo search logs the ``items`` it offered (most probable first); a search started
+        from a button logs its ``origin``, refused (:class:`FeedbackRefused`) unless that is
+        still the user's own.
         """
         check_user_id(user_id)
         check_text(file_unique_id, "file_unique_id", 128, optional=True)
+        check_text(file_id, "file_id", 256, optional=True)
+        item_values = item_rows(items)
+        if origin is not None:
+            check_origin(origin)
         check_text(outcome, "outcome", 32)
         blob = None if embedding is None else embedding_to_bytes(embedding)
         if model_version_id is not None:
@@ -78,6 +90,7 @@ class SearchLog(Store):
             search = m.Search(
                 user_id=user_id,
                 file_unique_id=file_unique_id,
+                file_id=file_id,
                 embedding=blob,
                 model_version_id=model_version_id,
                 latency_ms=latency,
@@ -85,8 +98,10 @@ class SearchLog(Store):
             )
             session.add(search)
             await session.flush()
+            if origin is not None:
+                await add_origin(session, search.id, user_id, origin)
             recommendations = [m.Recommendation(search_id=search.id, **row) for row in rows]
-            session.add_all(recommendations)
+            session.add_all([*recommendations, *(m.SearchItem(search_id=search.id, **row) for row in item_values)])
             await session.flush()
             return SearchRecord(search.id, [r.id for r in recommendations])
 
@@ -107,18 +122,7 @@ class SearchLog(Store):
             raise FeedbackRefused("this button does not belong to a recommendation", reason="not_found")
 
         async def write(session: AsyncSession) -> RatingResult:
-            found = (
-                await session.execute(
-                    select(m.Recommendation.search_id, m.Search.user_id)
-                    .join(m.Search, m.Search.id == m.Recommendation.search_id)
-                    .where(m.Recommendation.id == recommendation_id)
-                )
-            ).one_or_none()
-            if found is None:
-                raise FeedbackRefused("this recommendation no longer exists", reason="not_found")
-            search_id, owner = found
-            if owner != user_id:
-                raise FeedbackRefused("you can only rate recommendations made for you", reason="not_yours")
+            search_id = (await owned_recommendation(session, user_id, recommendation_id)).search_id
             feedback = await session.scalar(
                 select(m.Feedback).where(
                     m.Feedback.recommendation_id == recommendation_id, m.Feedback.user_id == user_id
@@ -170,7 +174,9 @@ class SearchLog(Store):
         """Searches that kept an embedding (id > ``since_id``, oldest first), each with what
         it showed and the searcher's rating of each item: the retraining's input.
 
-        ``rated_only`` keeps searches with at least one rating; ``limit`` caps the count
+        A product the searcher did not rate but whose category is an item they chose from
+        that photo counts as liked (``implicit``). ``rated_only`` keeps searches with at least
+        one rating, pressed or implied; ``limit`` caps the count
         (page with ``since_id`` = the last ``search_id`` seen).
         """
         if since_id is not None:
@@ -188,7 +194,8 @@ class SearchLog(Store):
                     .join(m.Recommendation, m.Recommendation.id == m.Feedback.recommendation_id)
                     .where(m.Recommendation.search_id == m.Search.id, m.Feedback.user_id == m.Search.user_id)
                 )
-                query = query.where(rated.exists())
+                implied = implied_likes().where(m.Recommendation.search_id == m.Search.id)
+                query = query.where(rated.exists() | implied.exists())
             if limit is not None:
                 query = query.limit(limit)
             searches = list(await session.scalars(query))
@@ -206,8 +213,12 @@ class SearchLog(Store):
                     .where(m.Recommendation.search_id.in_(ids))
                     .order_by(m.Recommendation.search_id, m.Recommendation.rank)
                 )
+                chosen = set(await session.scalars(implied_likes().where(m.Recommendation.search_id.in_(ids))))
                 for rec, rating in rows:
-                    items[rec.search_id].append(FeedbackItem(rec.id, rec.rank, rec.product_id, rec.distance, rating))
+                    implicit = rating is None and rec.id in chosen
+                    items[rec.search_id].append(
+                        FeedbackItem(rec.id, rec.rank, rec.product_id, rec.distance, 1 if implicit else rating, implicit)
+                    )
             exported = []
             for s in searches:
                 assert s.embedding is not None  # selected for it

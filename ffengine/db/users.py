@@ -38,7 +38,8 @@ class UserStore(Store):
         await self._write(write, retry_on_conflict=True)
 
     async def forget_user(self, user_id: int) -> int:
-        """Erase the user's searches, what they were shown, their ratings and the user row.
+        """Erase the user's searches (with the items seen in their photos and the buttons they
+        pressed), what they were shown, their ratings and the user row.
 
         Returns the number of rows deleted (0 for an unknown user). Explicit deletes, not
         only ON DELETE CASCADE, so the count is exact and nothing depends on the backend.
@@ -52,6 +53,10 @@ class UserStore(Store):
                 delete(m.Feedback).where(
                     (m.Feedback.user_id == user_id) | m.Feedback.recommendation_id.in_(their_recommendations)
                 ),
+                delete(m.SearchOrigin).where(
+                    m.SearchOrigin.search_id.in_(their_searches) | m.SearchOrigin.parent_search_id.in_(their_searches)
+                ),
+                delete(m.SearchItem).where(m.SearchItem.search_id.in_(their_searches)),
                 delete(m.Recommendation).where(m.Recommendation.search_id.in_(their_searches)),
                 delete(m.Search).where(m.Search.user_id == user_id),
                 delete(m.User).where(m.User.id == user_id),
