@@ -291,17 +291,21 @@ async def aembed_catalog(
         pool.shutdown(wait=False, cancel_futures=True)
         model.shutdown(wait=False, cancel_futures=True)
 
+    return await asyncio.to_thread(embedded_catalog, read, run, embedder.fingerprint, started)
+
+
+def embedded_catalog(read: CatalogReadResult, run: _Run, fingerprint: str, started: float) -> EmbeddedCatalog:
+    """The products that worked, their features, colours and hashes, and the report of the pass."""
     keep = [i for i in range(len(read.products)) if i not in run.failures]
     skipped = sorted(read.problems + list(run.failures.values()), key=lambda p: p.line)
-    kept_ids = {read.products[i].id for i in keep}
-    warnings = [w for w in read.warnings if w.product_id in kept_ids]
     if not keep:
         raise CatalogError(no_usable_product(read.path, skipped))
     products = [read.products[i] for i in keep]
+    kept_ids = {p.id for p in products}
     hashes = [run.hashes[i] for i in keep]
-    features = np.ascontiguousarray(run.features[keep]) if len(keep) < len(read.products) else run.features
-    colours = np.ascontiguousarray(run.colours[keep]) if len(keep) < len(read.products) else run.colours
-    digest = await asyncio.to_thread(catalog_hash, products, hashes)
+    every = len(keep) == len(read.products)
+    features = run.features if every else np.ascontiguousarray(run.features[keep])
+    colours = run.colours if every else np.ascontiguousarray(run.colours[keep])
     seconds = time.perf_counter() - started
     report = BuildReport(
         products=len(products),
@@ -311,12 +315,12 @@ async def aembed_catalog(
         seconds=seconds,
         images_per_s=len(products) / seconds if seconds > 0 else 0.0,
         embed_seconds=seconds,
-        catalog_hash=digest,
-        fingerprint=embedder.fingerprint,
+        catalog_hash=catalog_hash(products, hashes),
+        fingerprint=fingerprint,
         downloaded=run.downloaded,
         revalidated=run.revalidated,
         catalog=read.path,
-        warnings=warnings,
+        warnings=[w for w in read.warnings if w.product_id in kept_ids],
     )
     return EmbeddedCatalog(features, colours, products, hashes, report)
 

@@ -37,7 +37,7 @@ from ffengine.db import Database, FeedbackSearch
 from ffengine.embedder import Embedder
 from ffengine.index import Index, write_index
 from train.evaluation import Benchmark, LabelledPhotos, default_eval_queries
-from train.metric import MetricOptions, compose, feedback_data, learn_map, pairwise_accuracy
+from train.metric import FeedbackData, MetricOptions, compose, feedback_data, learn_map, pairwise_accuracy
 from train.runs import Progress, Run, TrainingResult, training_run
 from train.versions import Current, claim_version, ensure_current, write_metrics
 
@@ -116,7 +116,27 @@ async def _retrain(db: Database, settings: EngineSettings, opts: FeedbackOptions
     searches = await usable_searches(db, current)
     data = await asyncio.to_thread(feedback_data, searches, {p.id: i for i, p in enumerate(index.products)}, index.dim)
     train, held = data.split(opts.holdout)
-    counts = {
+    counts = count_feedback(data, train, held, searches)
+    await run.step(
+        0.05,
+        f"{data.searches} rated searches: {data.likes} 👍 ({counts['chosen_item_likes']} implied by chosen items), "
+        f"{data.dislikes} 👎, {len(data.triples)} pairs",
+    )
+    short = not_enough(counts, opts)
+    if short:
+        return TrainingResult("insufficient", None, counts, short)
+    candidate, metrics = await learn_candidate(index, train, held, opts, run)
+    metrics.update(counts)
+    queries = opts.queries()
+    if queries is not None:
+        metrics.update(await score_precision(queries, opts, current, settings, index, candidate, run))
+    metrics["seconds"] = round(time.perf_counter() - started, 2)
+    return await register_candidate(db, settings, opts, run, current, index, candidate, metrics, activate)
+
+
+def count_feedback(data: FeedbackData, train: FeedbackData, held: FeedbackData, searches: list[FeedbackSearch]) -> dict[str, int]:
+    """What the feedback holds: searches, 👍 / 👎, pairs in all and in each part, likes implied by chosen items."""
+    return {
         "searches": data.searches,
         "likes": data.likes,
         "dislikes": data.dislikes,
@@ -126,15 +146,10 @@ async def _retrain(db: Database, settings: EngineSettings, opts: FeedbackOptions
         "holdout_pairs": len(held.triples),
         "chosen_item_likes": sum(item.implicit for search in searches for item in search.items),
     }
-    await run.step(
-        0.05,
-        f"{data.searches} rated searches: {data.likes} 👍 ({counts['chosen_item_likes']} implied by chosen items), "
-        f"{data.dislikes} 👎, {len(data.triples)} pairs",
-    )
-    short = not_enough(counts, opts)
-    if short:
-        return TrainingResult("insufficient", None, counts, short)
 
+
+async def learn_candidate(index: Index, train: FeedbackData, held: FeedbackData, opts: FeedbackOptions, run: Run) -> tuple[Index, dict[str, Any]]:
+    """The learnt map composed into the index's projection, and how held-out feedback ranks before and after."""
     await run.step(0.1, f"learning from {train.searches} searches ({len(train.triples)} pairs)")
     learn_started = time.perf_counter()
     a = await asyncio.to_thread(learn_map, index.projection, index.features, train, opts.metric, run.within(0.1, 0.6, "learning"))
@@ -147,41 +162,50 @@ async def _retrain(db: Database, settings: EngineSettings, opts: FeedbackOptions
     before, after = await asyncio.to_thread(
         lambda: (pairwise_accuracy(index.projection, index.features, held), pairwise_accuracy(projection, index.features, held))
     )
-    metrics: dict[str, Any] = {
-        **counts,
+    await run.step(0.65, f"held-out feedback: liked above disliked {before:.3f} -> {after:.3f}")
+    return candidate, {
         "holdout_pairwise_before": before,
         "holdout_pairwise_after": after,
         "map_change": float(np.linalg.norm(a - np.eye(len(a), dtype=np.float32)) / np.sqrt(len(a))),
         "learn_seconds": round(learn_seconds, 2),
     }
-    await run.step(0.65, f"held-out feedback: liked above disliked {before:.3f} -> {after:.3f}")
 
-    queries = opts.queries()
-    if queries is not None:
-        await run.step(0.7, f"scoring precision@5 on the {opts.eval_split} photos of {queries}")
-        photos = LabelledPhotos.read(queries, opts.eval_split, categories=opts.eval_categories, limit=opts.eval_limit)
-        bench = await asyncio.to_thread(_benchmark, photos, current.weights, settings)
-        p_before, p_after = await asyncio.to_thread(lambda: (bench.score(index).mean, bench.score(candidate).mean))
-        metrics.update({"precision5_before": p_before, "precision5_after": p_after, "precision5_split": opts.eval_split, "precision5_photos": len(bench.feats)})
-        await run.step(0.85, f"category precision@5 ({opts.eval_split}): {p_before:.3f} -> {p_after:.3f}")
 
+async def score_precision(
+    queries: Path, opts: FeedbackOptions, current: Current, settings: EngineSettings, index: Index, candidate: Index, run: Run
+) -> dict[str, Any]:
+    """Category precision@5 of the labelled photos' ``opts.eval_split`` with the current index and the candidate."""
+    await run.step(0.7, f"scoring precision@5 on the {opts.eval_split} photos of {queries}")
+    photos = LabelledPhotos.read(queries, opts.eval_split, categories=opts.eval_categories, limit=opts.eval_limit)
+    bench = await asyncio.to_thread(_benchmark, photos, current.weights, settings)
+    p_before, p_after = await asyncio.to_thread(lambda: (bench.score(index).mean, bench.score(candidate).mean))
+    await run.step(0.85, f"category precision@5 ({opts.eval_split}): {p_before:.3f} -> {p_after:.3f}")
+    return {"precision5_before": p_before, "precision5_after": p_after, "precision5_split": opts.eval_split, "precision5_photos": len(bench.feats)}
+
+
+def what_got_worse(metrics: dict[str, Any], opts: FeedbackOptions) -> list[str]:
+    """The measures on which the candidate is worse than the current version (none: it is promoted)."""
     worse = []
-    if after < before:  # type: ignore[operator]
+    before, after = metrics["holdout_pairwise_before"], metrics["holdout_pairwise_after"]
+    if after < before:
         worse.append(f"held-out liked-above-disliked fell {before:.3f} -> {after:.3f}")
     if "precision5_after" in metrics and metrics["precision5_after"] < metrics["precision5_before"]:
         worse.append(f"precision@5 on {opts.eval_split} photos fell {metrics['precision5_before']:.3f} -> {metrics['precision5_after']:.3f}")
+    return worse
 
+
+async def register_candidate(
+    db: Database, settings: EngineSettings, opts: FeedbackOptions, run: Run, current: Current, index: Index, candidate: Index,
+    metrics: dict[str, Any], activate: bool,
+) -> TrainingResult:
+    """Write the candidate as a new version, promoted (and, with ``activate``, made active) unless it is worse."""
+    worse = what_got_worse(metrics, opts)
     name, folder = await claim_version(db, settings, KIND, opts.name)
     run.made.append(folder)
     await run.step(0.9, f"writing the index of {name}")
-    metrics["seconds"] = round(time.perf_counter() - started, 2)
     await asyncio.to_thread(_write_version, folder, candidate, index, metrics, current)
     status = "rejected" if worse else "promoted"
-    reason = (
-        f"kept {current.name}: " + "; ".join(worse)
-        if worse
-        else f"{name} is not worse than {current.name} (" + describe_gain(metrics) + ")"
-    )
+    reason = f"kept {current.name}: " + "; ".join(worse) if worse else f"{name} is not worse than {current.name} (" + describe_gain(metrics) + ")"
     version = await db.create_model_version(
         name, current.weights, str((folder / "index").resolve()), parent_id=current.id, metrics=metrics, notes=f"{status}: {reason}"
     )

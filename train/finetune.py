@@ -350,102 +350,34 @@ def finetune(
     opts = options or FinetuneOptions()
     say = progress or (lambda _f, _t: None)
     started = time.perf_counter()
-    device = embedder.device
-    mode = opts.resolved_mode(device)
+    mode = opts.resolved_mode(embedder.device)
     train_from = 0 if mode == "full" else opts.train_from
     if not 0 <= train_from <= N_BLOCKS:
         raise TrainingError(f"train_from must be between 0 and {N_BLOCKS}, got {train_from}")
     torch.manual_seed(opts.seed)
-    rng = np.random.default_rng(opts.seed)
-
-    chosen = [p for p in products if not p.is_remote]  # fine-tuning reads local photos only
-    if opts.limit is not None and opts.limit < len(chosen):
-        chosen = [chosen[i] for i in np.sort(rng.choice(len(chosen), opts.limit, replace=False))]
-    order = rng.permutation(len(chosen))
-    n_hold = int(round(len(chosen) * opts.holdout))
-    train = [chosen[i] for i in np.sort(order[n_hold:])]
-    holdout = [chosen[i] for i in np.sort(order[:n_hold])]
+    chosen, train, holdout = split_products(products, opts)
     labels = LabelSet.fit(train, opts.attributes, opts.min_label_count)
     if len(labels) < 2:
         raise TrainingError(
             f"the catalogue gives fewer than 2 labels seen {opts.min_label_count}+ times among {', '.join(opts.attributes)}; "
             "fine-tuning needs products with categories, colours, ..."
         )
-
-    features = copy.deepcopy(embedder.model).to(device).float()
-    prefix, tail = features[:train_from], features[train_from:]
-    for p in prefix.parameters():
-        p.requires_grad_(False)
+    prefix, model = trainable_copy(embedder, train_from, len(labels))
     pooled = train_from == N_BLOCKS
-    model = Trainable(tail, len(labels), pooled_input=pooled).to(device)
     data: CachedViews | OnlineViews = CachedViews(prefix, embedder, pooled, opts, say) if mode == "frozen-prefix" else OnlineViews(embedder, opts)
     say(0.02, f"{len(labels)} labels; reading {len(chosen)} product photos; mode {mode} (train_from={train_from})")
     kept_train, kept_hold = data.build(train, holdout)
-    skipped = len(products) - len(chosen) if opts.limit is None else sum(p.is_remote for p in products)
-    skipped += data.skipped
+    skipped = (len(products) - len(chosen) if opts.limit is None else sum(p.is_remote for p in products)) + data.skipped
     if len(kept_train) < 2 or not kept_hold:
         raise TrainingError(f"fine-tuning needs at least a few readable local product photos; got {len(kept_train) + len(kept_hold)} ({skipped} skipped)")
     data.use_targets(torch.from_numpy(labels.encode([train[i] for i in kept_train])))
     y_hold = labels.encode([holdout[i] for i in kept_hold])
-    say(0.4 if mode == "frozen-prefix" else 0.05, f"training on {len(kept_train)} products, {len(kept_hold)} held out, {skipped} skipped")
-
-    head_params = list(model.head.parameters())
-    backbone_params = [p for p in model.tail.parameters() if p.requires_grad]
-    groups = [{"params": head_params, "lr": opts.lr}]
-    if backbone_params:
-        groups.append({"params": backbone_params, "lr": opts.lr * opts.backbone_lr_scale})
-    optimizer = torch.optim.AdamW(groups, weight_decay=opts.weight_decay)
-    steps = max(1, opts.epochs * -(-len(kept_train) // opts.batch_size))
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=[g["lr"] for g in groups], total_steps=steps, pct_start=0.15, anneal_strategy="cos"
-    )
-    loss_fn = torch.nn.BCEWithLogitsLoss()
-    use_amp = device.type == "cuda"
     first = 0.4 if mode == "frozen-prefix" else 0.05
-    history: list[dict[str, float]] = []
-    step = 0
-    for epoch in range(1, opts.epochs + 1):
-        model.train()
-        freeze_batchnorm(model)
-        total, count = 0.0, 0
-        for x, y in data.epoch(np.random.default_rng([opts.seed, epoch])):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss = loss_fn(model(x).float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if step < steps:
-                scheduler.step()
-                step += 1
-            total += loss.item() * len(y)
-            count += len(y)
-        f1 = micro_f1(y_hold, data.scores(model, "holdout"))
-        history.append({"epoch": epoch, "loss": total / max(count, 1), "holdout_micro_f1": f1})
-        say(first + (0.98 - first) * epoch / opts.epochs, f"epoch {epoch}/{opts.epochs}: loss {total / max(count, 1):.4f}, held-out micro-F1 {f1:.3f}")
-
+    say(first, f"training on {len(kept_train)} products, {len(kept_hold)} held out, {skipped} skipped")
+    history = train_epochs(model, data, y_hold, len(kept_train), embedder.device, opts, lambda f, text: say(first + (0.98 - first) * f, text))
     f1_clean = history[-1]["holdout_micro_f1"] if history else micro_f1(y_hold, data.scores(model, "holdout"))
     f1_shop = micro_f1(y_hold, data.scores(model, "shopper"))
-    state = {f"features.{k}": v.detach().cpu().clone() for k, v in (prefix + tail).state_dict().items()}
-    state["classifier.1.weight"] = model.head[1].weight.detach().cpu().clone()
-    state["classifier.1.bias"] = model.head[1].bias.detach().cpu().clone()
-    seconds = time.perf_counter() - started
-    save_weights(
-        state,
-        out_weights,
-        embedder.preprocess,
-        **(meta or {}),
-        base=embedder.source,
-        base_fingerprint=embedder.fingerprint,
-        labels=list(labels.names),
-        micro_f1=round(f1_clean, 4),
-        micro_f1_shopper_view=round(f1_shop, 4),
-        mode=mode,
-        train_from=train_from,
-        epochs=opts.epochs,
-        products=len(kept_train) + len(kept_hold),
-    )
-    say(1.0, f"wrote {out_weights} (held-out micro-F1 {f1_clean:.3f}, shopper views {f1_shop:.3f}, {seconds:.0f} s)")
-    return FinetuneResult(
+    result = FinetuneResult(
         weights=out_weights,
         labels=list(labels.names),
         micro_f1=f1_clean,
@@ -455,8 +387,90 @@ def finetune(
         products_train=len(kept_train),
         products_holdout=len(kept_hold),
         skipped=skipped,
-        seconds=seconds,
+        seconds=time.perf_counter() - started,
         history=history,
+    )
+    save_finetuned(prefix + model.tail, model, embedder, result, opts, meta)
+    say(1.0, f"wrote {out_weights} (held-out micro-F1 {f1_clean:.3f}, shopper views {f1_shop:.3f}, {result.seconds:.0f} s)")
+    return result
+
+
+def split_products(products: Sequence[Product], opts: FinetuneOptions) -> tuple[list[Product], list[Product], list[Product]]:
+    """The local products used (a seeded sample with ``opts.limit``), then their train and held-out parts."""
+    rng = np.random.default_rng(opts.seed)
+    chosen = [p for p in products if not p.is_remote]  # fine-tuning reads local photos only
+    if opts.limit is not None and opts.limit < len(chosen):
+        chosen = [chosen[i] for i in np.sort(rng.choice(len(chosen), opts.limit, replace=False))]
+    order = rng.permutation(len(chosen))
+    n_hold = int(round(len(chosen) * opts.holdout))
+    return chosen, [chosen[i] for i in np.sort(order[n_hold:])], [chosen[i] for i in np.sort(order[:n_hold])]
+
+
+def trainable_copy(embedder: Embedder, train_from: int, n_labels: int) -> tuple[torch.nn.Sequential, Trainable]:
+    """A copy of the backbone: the frozen blocks before ``train_from``, and the rest with a label head to train."""
+    features = copy.deepcopy(embedder.model).to(embedder.device).float()
+    prefix, tail = features[:train_from], features[train_from:]
+    for p in prefix.parameters():
+        p.requires_grad_(False)
+    return prefix, Trainable(tail, n_labels, pooled_input=train_from == N_BLOCKS).to(embedder.device)
+
+
+def train_epochs(
+    model: Trainable, data: CachedViews | OnlineViews, y_hold: np.ndarray, n_train: int, device: torch.device, opts: FinetuneOptions, say: Progress
+) -> list[dict[str, float]]:
+    """AdamW with a one-cycle schedule (the backbone at a smaller rate than the head); held-out micro-F1 per epoch."""
+    head_params = list(model.head.parameters())
+    backbone_params = [p for p in model.tail.parameters() if p.requires_grad]
+    groups = [{"params": head_params, "lr": opts.lr}]
+    if backbone_params:
+        groups.append({"params": backbone_params, "lr": opts.lr * opts.backbone_lr_scale})
+    optimizer = torch.optim.AdamW(groups, weight_decay=opts.weight_decay)
+    steps = max(1, opts.epochs * -(-n_train // opts.batch_size))
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in groups], total_steps=steps, pct_start=0.15, anneal_strategy="cos")
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    history: list[dict[str, float]] = []
+    step = 0
+    for epoch in range(1, opts.epochs + 1):
+        model.train()
+        freeze_batchnorm(model)
+        total, count = 0.0, 0
+        for x, y in data.epoch(np.random.default_rng([opts.seed, epoch])):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = loss_fn(model(x).float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if step < steps:
+                scheduler.step()
+                step += 1
+            total, count = total + loss.item() * len(y), count + len(y)
+        f1 = micro_f1(y_hold, data.scores(model, "holdout"))
+        history.append({"epoch": epoch, "loss": total / max(count, 1), "holdout_micro_f1": f1})
+        say(epoch / opts.epochs, f"epoch {epoch}/{opts.epochs}: loss {total / max(count, 1):.4f}, held-out micro-F1 {f1:.3f}")
+    return history
+
+
+def save_finetuned(
+    features: torch.nn.Sequential, model: Trainable, embedder: Embedder, result: FinetuneResult, opts: FinetuneOptions, meta: dict[str, object] | None
+) -> None:
+    """The trained backbone and label head as a weights file with its sidecar (what was trained, how well)."""
+    state = {f"features.{k}": v.detach().cpu().clone() for k, v in features.state_dict().items()}
+    state["classifier.1.weight"] = model.head[1].weight.detach().cpu().clone()
+    state["classifier.1.bias"] = model.head[1].bias.detach().cpu().clone()
+    save_weights(
+        state,
+        result.weights,
+        embedder.preprocess,
+        **(meta or {}),
+        base=embedder.source,
+        base_fingerprint=embedder.fingerprint,
+        labels=result.labels,
+        micro_f1=round(result.micro_f1, 4),
+        micro_f1_shopper_view=round(result.micro_f1_shopper_view, 4),
+        mode=result.mode,
+        train_from=result.train_from,
+        epochs=opts.epochs,
+        products=result.products_train + result.products_holdout,
     )
 
 
