@@ -27,6 +27,23 @@ def build_features(state_dict: dict[str, torch.Tensor] | None) -> torch.nn.Seque
     return features.eval()
 
 
+class Normalise(torch.nn.Module):
+    """``(n, S, S, 3)`` uint8 RGB -> ``(n, 3, S, S)`` float32 scaled by the model's mean and std: the one place
+    pixels become network input (the engine, its exported graph and fine-tuning all use it)."""
+
+    def __init__(self, preprocess: Preprocess) -> None:
+        super().__init__()
+        mean = torch.tensor(preprocess.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+        inv_std = 1.0 / (torch.tensor(preprocess.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("inv_std", inv_std, persistent=False)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        # NHWC uint8 viewed as NCHW is already channels_last in memory: no copy, and the
+        # channels_last kernels of oneDNN / cuDNN take it as is.
+        return (pixels.permute(0, 3, 1, 2).float() - self.mean) * self.inv_std
+
+
 class FeatureNet(torch.nn.Module):
     """``(n, S, S, 3)`` uint8 RGB -> ``(n, 1280)`` float32 pooled features and the ``(n, 1280, h, w)`` map
     they pool (what :mod:`ffengine.items` reads where a garment is): normalise, ``features``, global average pool."""
@@ -34,15 +51,10 @@ class FeatureNet(torch.nn.Module):
     def __init__(self, features: torch.nn.Module, preprocess: Preprocess) -> None:
         super().__init__()
         self.features = features
-        mean = torch.tensor(preprocess.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-        inv_std = 1.0 / (torch.tensor(preprocess.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
-        self.register_buffer("mean", mean, persistent=False)
-        self.register_buffer("inv_std", inv_std, persistent=False)
+        self.normalise = Normalise(preprocess)
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # NHWC uint8 viewed as NCHW is already channels_last in memory: no copy, and the
-        # channels_last kernels of oneDNN / cuDNN take it as is.
-        x = (pixels.permute(0, 3, 1, 2).float() - self.mean) * self.inv_std
+        x = self.normalise(pixels)
         # Global average pool as a pooling op (not ``mean``): ONNX Runtime then pools in its
         # blocked layout instead of converting the 1280 x 7 x 7 map back first.
         fmap = self.features(x)

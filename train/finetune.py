@@ -42,6 +42,7 @@ from ffengine.catalog import Product
 from ffengine.embedder import Embedder
 from ffengine.errors import ImageRejected
 from ffengine.images import load_image
+from ffengine.runtime_torch import Normalise
 from ffengine.weights import save_weights
 from train.augment import shopper_view
 from train.errors import TrainingError
@@ -138,10 +139,7 @@ def decode(products: Sequence[Product], workers: int) -> list[Image.Image | None
 
 def normalise(pixels: torch.Tensor, embedder: Embedder) -> torch.Tensor:
     """``(n, S, S, 3)`` uint8 from ``embedder.prepare`` -> normalised NCHW float, as the engine feeds it."""
-    prep = embedder.preprocess
-    mean = torch.tensor(prep.mean, device=pixels.device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(prep.std, device=pixels.device).view(1, 3, 1, 1) * 255.0
-    return (pixels.permute(0, 3, 1, 2).float() - mean) / std
+    return Normalise(embedder.preprocess).to(pixels.device)(pixels)
 
 
 def freeze_batchnorm(module: torch.nn.Module) -> None:
@@ -176,13 +174,11 @@ class FrozenNet(torch.nn.Module):
     def __init__(self, prefix: torch.nn.Module, embedder: Embedder, pooled: bool) -> None:
         super().__init__()
         self.prefix, self.pooled = prefix, pooled
-        prep = embedder.preprocess
-        self.register_buffer("mean", torch.tensor(prep.mean).view(1, 3, 1, 1) * 255.0, persistent=False)
-        self.register_buffer("std", torch.tensor(prep.std).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.normalise = Normalise(embedder.preprocess)
         self.eval()  # always: BatchNorm must use its running statistics here
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        y = self.prefix((pixels.permute(0, 3, 1, 2).float() - self.mean) / self.std)
+        y = self.prefix(self.normalise(pixels))
         return y.mean(dim=(2, 3)) if self.pooled else y
 
 
