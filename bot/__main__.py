@@ -59,8 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     except FFError as exc:
         return fail(str(exc))
     scrub = setup_logging(settings.secrets(), settings.log_level).scrub
-    if settings.log_level != "DEBUG":  # Alembic logs each of its plugins at every start; the bot says what changed
-        logging.getLogger("alembic").setLevel(logging.WARNING)
+    if settings.log_level != "DEBUG":  # Alembic logs each of its plugins, FAISS which CPU build it tried, at every start
+        for chatty in ("alembic", "faiss.loader"):
+            logging.getLogger(chatty).setLevel(logging.WARNING)
     # Heavy imports (torch, PTB, SQLAlchemy) only once the settings are known to be good.
     from sqlalchemy.exc import SQLAlchemyError
     from telegram.error import InvalidToken, NetworkError

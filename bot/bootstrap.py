@@ -4,7 +4,8 @@
 when ``FFENGINE_INDEX`` holds none; the pair (``FFENGINE_WEIGHTS``, index) is loaded, so a
 broken one stops start-up before it is recorded, then registered as the base model version
 and activated. Without ``FFENGINE_WEIGHTS`` the index's own weights file is used (the one it
-records). Later runs find the active version and do nothing.
+records). Later runs find the active version and do nothing; so does a replica that starts
+together with another one which registered it first.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from bot.config import BotSettings
 from bot.models import ModelLoader
-from ffengine.db import Database, ModelVersion
+from ffengine.db import Database, ModelVersion, StorageError
 from ffengine.errors import ConfigError
 from ffengine.index import MANIFEST_FILE
 from train.versions import BASE_VERSION, register_base, weights_spec
@@ -60,6 +61,11 @@ async def prepare(settings: BotSettings, db: Database, loader: ModelLoader) -> M
     index_dir = await ensure_index(settings, loader)
     weights = weights_spec(settings.engine.with_index_weights(index_dir).weights)  # not relative to where the bot starts
     await asyncio.to_thread(loader.recommender, weights, index_dir)  # FFError for a corrupt index or wrong weights
-    version = await register_base(db, weights, index_dir, "registered on first start from FFENGINE_WEIGHTS and FFENGINE_INDEX")
+    try:
+        version = await register_base(db, weights, index_dir, "registered on first start from FFENGINE_WEIGHTS and FFENGINE_INDEX")
+    except StorageError:  # another replica starting at the same time registered it first
+        if (active := await db.active_model_version()) is None:
+            raise
+        return active
     log.info("registered model version %s (weights %s, index %s)", version.name, version.weights, version.index_dir)
     return version

@@ -6,9 +6,12 @@ setting, so ``python -m bot`` can stop with one clear line instead of a tracebac
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import os
 import re
-import secrets
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -22,6 +25,7 @@ DEFAULT_API_URL = "https://api.telegram.org"
 TELEGRAM_DOWNLOAD_LIMIT_MB = 20
 TOKEN_RE = re.compile(r"^\d{1,20}:[A-Za-z0-9_-]{8,100}$")
 SECRET_RE = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
+REPLICA_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
 
 NO_TOKEN = (
     "TELEGRAM_BOT_TOKEN is not set: open Telegram, talk to @BotFather, send /newbot, "
@@ -58,6 +62,26 @@ def _admin_ids(env: Mapping[str, str]) -> frozenset[int]:
     return frozenset(ids)
 
 
+def derived_secret(token: str) -> str:
+    """The webhook secret when none is set: derived from the token, so every replica of one bot
+    registers and checks the same one (a random one per start would lock the others out), and
+    nobody without the token can compute it."""
+    digest = hmac.new(token.encode(), b"focusedfashion webhook secret", hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+
+def default_replica_name() -> str:
+    """``host-pid``: unique among processes sharing a database, readable in /models."""
+    return f"{socket.gethostname()}-{os.getpid()}"[:128]
+
+
+def _replica_name(env: Mapping[str, str]) -> str:
+    name = env_str(env, "BOT_REPLICA_NAME") or default_replica_name()
+    if not REPLICA_RE.match(name):
+        raise ConfigError(f"BOT_REPLICA_NAME must be 1-128 letters, digits or . _ : @ - (starting with a letter or digit), got {name!r}")
+    return name
+
+
 def _log_level(env: Mapping[str, str]) -> str:
     level = (env_str(env, "BOT_LOG_LEVEL", "INFO") or "INFO").upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -90,6 +114,15 @@ class BotSettings:
     max_retries: int = 3
     error_notify_interval_s: float = 60.0
     log_level: str = "INFO"
+    #: This process among the replicas sharing the database (``/models`` names it).
+    replica_name: str = field(default_factory=default_replica_name)
+    #: How often a replica writes its heartbeat and checks the active model version (PostgreSQL also notifies at once).
+    sync_interval_s: float = 2.0
+
+    @property
+    def replica_timeout_s(self) -> float:
+        """A replica silent this long is taken for dead (its unfinished updates are taken over)."""
+        return 5 * self.sync_interval_s
 
     @property
     def api_base_url(self) -> str:
@@ -126,7 +159,7 @@ class BotSettings:
         port = env_int(env, "BOT_WEBHOOK_PORT", 8443)
         if port > 65535:
             raise ConfigError(f"BOT_WEBHOOK_PORT must be a TCP port (0 to 65535), got {port}")
-        secret = env_str(env, "BOT_WEBHOOK_SECRET") or secrets.token_urlsafe(32)
+        secret = env_str(env, "BOT_WEBHOOK_SECRET") or derived_secret(token)
         if not SECRET_RE.match(secret):
             raise ConfigError("BOT_WEBHOOK_SECRET may only use A-Z, a-z, 0-9, _ and - (1 to 256 characters)")
         return cls(
@@ -149,4 +182,6 @@ class BotSettings:
             max_retries=env_int(env, "BOT_MAX_RETRIES", 3),
             error_notify_interval_s=env_float(env, "BOT_ERROR_NOTIFY_INTERVAL", 60.0),
             log_level=_log_level(env),
+            replica_name=_replica_name(env),
+            sync_interval_s=env_float(env, "BOT_SYNC_INTERVAL", 2.0, minimum=0.05),
         )

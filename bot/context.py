@@ -15,6 +15,7 @@ from telegram.ext import Application, CallbackContext, ExtBot
 from bot.batcher import SearchBatcher
 from bot.config import BotSettings
 from bot.models import ActiveModel, ModelSwitch
+from bot.replicas import ReplicaSync
 from ffengine.db import Database
 
 if TYPE_CHECKING:
@@ -105,13 +106,16 @@ class BotServices:
     models: ModelSwitch
     batcher: SearchBatcher[ActiveModel]
     retrainer: Retrainer
+    replicas: ReplicaSync
     in_flight: set[int] = field(default_factory=set)  # users with a search running
+    handling: set[int] = field(default_factory=set)  # update ids this process claimed (bot.updates)
     albums: RecentKeys = field(default_factory=RecentKeys)
     background: BackgroundTasks = field(default_factory=BackgroundTasks)
     error_alerts: Throttle = field(default_factory=lambda: Throttle(60.0))
 
     def health(self) -> dict[str, Any]:
         return {
+            "replica": self.replicas.name,
             "model_version": self.models.current.name,
             "queue_depth": self.batcher.depth,
             "searches_in_flight": len(self.in_flight),

@@ -3,10 +3,11 @@ tested without Telegram)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
-from ffengine.db import ModelVersion, Stats
+from ffengine.db import ModelVersion, ReplicaRecord, Stats
 
 
 def shorten(text: str, limit: int) -> str:
@@ -50,4 +51,14 @@ def format_versions(versions: list[ModelVersion]) -> str:
         mark = "✅" if v.active else "•"
         metrics = format_metrics(v.metrics)
         lines.append(f"{mark} {v.name} (#{v.id}, {v.created_at:%Y-%m-%d %H:%M})" + (f": {metrics}" if metrics else ""))
+    return "\n".join(lines)
+
+
+def format_replicas(replicas: Sequence[ReplicaRecord], me: str, active: str | None) -> str:
+    """Which replica answered and which model version each one serves (⚠️: not the active one yet)."""
+    now = datetime.now(UTC)
+    lines = [f"Answered by replica {me}. Replicas serving:"]
+    for r in replicas:
+        mark = "•" if r.model_version == active else "⚠️"
+        lines.append(f"{mark} {r.name}: {r.model_version or '–'} (seen {max(0.0, (now - r.last_seen).total_seconds()):.0f} s ago)")
     return "\n".join(lines)

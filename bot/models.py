@@ -5,6 +5,11 @@ A model version (a row in ``model_versions``) is a weights spec plus an index di
 current, so a broken version never replaces a working one and searches never see half a
 model. The switch itself is one attribute assignment; a batch already running keeps the
 model it started with, so its features, index and logged version always agree.
+
+The live version is the database's (``model_versions.is_active``), not the process's: an admin's
+/rollback on one replica activates it there, and every other replica :meth:`~ModelSwitch.follow` s.
+A version that does not load is remembered and not retried until the active version changes
+again or an admin sends /reload: the replica keeps answering with what it had.
 """
 
 from __future__ import annotations
@@ -126,6 +131,7 @@ class ModelSwitch:
         self.loader = loader
         self._current = current
         self._lock = asyncio.Lock()
+        self.unloadable: int | None = None  # the active version's id when it would not load here
 
     @classmethod
     async def open(cls, db: Database, loader: ModelLoader) -> ModelSwitch:
@@ -153,10 +159,28 @@ class ModelSwitch:
             if catalogue_changed(self._current, model):  # a changed photo forgets its old Telegram file_id
                 await db.upsert_products(model.index.products)
             await db.activate_model_version(version.id)
-            previous, self._current = self._current, model
-            self.loader.keep_only([version.weights])
-            log.info("model switched: %s -> %s (%d products)", previous.name, model.name, len(model.index))
+            self._swap(model, version)
             return model
+
+    async def follow(self, db: Database) -> ActiveModel | None:
+        """Switch to the database's active version when another process changed it; ``None`` if there
+        is nothing to do. Raises ``FFError`` (once per version) when it does not load: the current model stays."""
+        async with self._lock:
+            version = await db.active_model_version()
+            if version is None or version.id in (self._current.version_id, self.unloadable):
+                return None
+            try:
+                model = await asyncio.to_thread(self.loader.load, version)
+            except Exception:
+                self.unloadable = version.id
+                raise
+            self._swap(model, version)
+            return model
+
+    def _swap(self, model: ActiveModel, version: ModelVersion) -> None:
+        previous, self._current, self.unloadable = self._current, model, None
+        self.loader.keep_only([version.weights])
+        log.info("model switched: %s -> %s (%d products)", previous.name, model.name, len(model.index))
 
     async def reload(self, db: Database) -> ActiveModel:
         """Re-read the active version's index (and weights) from disk."""

@@ -29,11 +29,13 @@ from bot.formatting import format_metrics
 from bot.models import ModelSwitch
 from ffengine.db import Database, TrainingRun
 from ffengine.errors import FFError
+from train.errors import TrainingLocked
 from train.runs import PROGRESS_MESSAGE, TrainingResult
 
 log = logging.getLogger(__name__)
 EDIT_EVERY_S = 3.0
 STARTED = "🏋️ Retraining from the logged feedback…"
+ALREADY_RUNNING = "⏳ A retraining is already running; I'll report when it is done."
 INTERRUPTED = "⏹ Retraining interrupted at {progress:.0%}: the bot stopped before it finished. Nothing was changed; send /retrain to try again."
 
 Progress = Callable[[float, str], None]
@@ -94,7 +96,8 @@ async def retrain_from_feedback(db: Database, settings: BotSettings, progress: P
 
 
 class Retrainer:
-    """Runs ``train`` as a background task; refuses a second concurrent run."""
+    """Runs ``train`` as a background task; refuses a second concurrent run (in this process here;
+    across processes and hosts ``train``'s lock refuses it, and the status message says so)."""
 
     def __init__(self, app: Application, db: Database, models: ModelSwitch, settings: BotSettings, train: TrainFn = retrain_from_feedback) -> None:
         self.app = app
@@ -139,6 +142,8 @@ class Retrainer:
         except asyncio.CancelledError:
             text = "⏹ Retraining interrupted: the bot is shutting down. Nothing was changed."
             raise
+        except TrainingLocked as exc:  # a run on another replica (or the CLI) holds the lock
+            text = f"⏳ Not started. {exc}"
         except FFError as exc:
             text = f"❌ Retraining failed: {exc}"
         except Exception as exc:

@@ -1,9 +1,11 @@
-"""Start and stop the Application in the order PTB's ``run_polling`` uses, in polling or webhook mode.
+"""Run the Application as PTB documents for a program that owns its event loop.
 
-One code path for ``python -m bot`` and for the tests (which run the real bot in-process):
-initialize -> post_init -> receive updates -> start ... stop receiving -> stop (waits for
-in-flight handlers) -> post_stop -> shutdown -> post_shutdown (drains the model queue,
-closes the database). ``post_shutdown`` runs even when start-up failed half-way.
+``async with application`` (initialize ... shutdown), inside it our services
+(:func:`bot.app.services`), then ``application.start()`` and the update source: PTB's
+``Updater`` polling, or our webhook server as in PTB's ``customwebhookbot`` example. On the way
+out the source stops first (the webhook server waits for the updates it is handling), then
+``application.stop()`` (which waits for in-flight handlers), then the services drain and close.
+One code path for ``python -m bot`` and for the tests, which run the real bot in-process.
 """
 
 from __future__ import annotations
@@ -16,40 +18,40 @@ from collections.abc import AsyncIterator
 from telegram import Update
 from telegram.ext import Application
 
+from bot.app import services
 from bot.config import BotSettings
-from bot.context import services
 from bot.webhook import WebhookServer
 
 
 @contextlib.asynccontextmanager
 async def running(app: Application, settings: BotSettings) -> AsyncIterator[WebhookServer | None]:
     """Run ``app`` for the body of the ``async with``; yields the webhook server in webhook mode."""
-    try:
-        await app.initialize()
-        if app.post_init:
-            await app.post_init(app)
-        webhook: WebhookServer | None = None
-        if settings.mode == "webhook":
-            webhook = WebhookServer(app, settings, services(app).health)
-            await webhook.start()
-        else:
-            await app.updater.start_polling(allowed_updates=Update.ALL_TYPES)  # type: ignore[union-attr]
+    async with app, services(app) as svc:
         await app.start()
+        try:
+            async with receiving(app, settings, svc.health) as webhook:
+                yield webhook
+        finally:
+            await app.stop()
+
+
+@contextlib.asynccontextmanager
+async def receiving(app: Application, settings: BotSettings, health: WebhookServer.Health) -> AsyncIterator[WebhookServer | None]:
+    """Updates flow in for the body: from our webhook server, or PTB's ``Updater`` polling."""
+    if settings.mode == "webhook":
+        webhook = WebhookServer(app, settings, health)
+        await webhook.start()
         try:
             yield webhook
         finally:
-            if webhook is not None:
-                await webhook.stop()
-            elif app.updater and app.updater.running:
-                await app.updater.stop()
-            await app.stop()
-            if app.post_stop:
-                await app.post_stop(app)
+            await webhook.stop()
+        return
+    assert app.updater is not None
+    await app.updater.start_polling(allowed_updates=Update.ALL_TYPES)
+    try:
+        yield None
     finally:
-        with contextlib.suppress(RuntimeError):  # not initialised when initialize() itself failed
-            await app.shutdown()
-        if app.post_shutdown:
-            await app.post_shutdown(app)
+        await app.updater.stop()
 
 
 async def serve_until_signal(app: Application, settings: BotSettings) -> None:

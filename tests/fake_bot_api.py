@@ -14,6 +14,8 @@ over 20 MB. Error texts copy the real ones where known; a few are close approxim
 
 Deliberate deviations: webhooks may use plain ``http://`` to a loopback host (the real API demands
 HTTPS) and the fake never downloads URLs the bot sends (``serve_url``/``fail_url`` decide what they are).
+For several bot replicas behind a load balancer, the fake plays the balancer too (:meth:`FakeBotAPI.balance`),
+and :meth:`FakeBotAPI.post_update` re-delivers an update to a chosen replica.
 Use it from the event loop that started it.
 """
 
@@ -48,6 +50,7 @@ MAX_CAPTION = 1024
 MAX_CALLBACK_DATA_BYTES = 64
 MAX_BUTTON_URL = 2048  # an approximation: Telegram refuses very long button URLs but documents no limit
 MAX_LONG_POLL_S = 50.0
+WEBHOOK_TIMEOUT_S = 60.0  # a webhook that answers later is tried again
 MAX_DECODE_PIXELS = 40_000_000
 PHOTO_SIDES = (90, 320)  # the two downscaled PhotoSize entries; the third is the upload itself
 CHAT_ACTIONS = frozenset(
@@ -449,6 +452,9 @@ class FakeBotAPI:
         self.calls: list[Call] = []
         self.webhook: JSON | None = None  # what setWebhook recorded
         self.webhook_log: list[tuple[int, int | str]] = []  # (update_id, HTTP status or error) per delivery try
+        self.deliveries: list[tuple[int, str, int | str]] = []  # (update_id, URL, HTTP status or error) per try
+        self.backends: list[str] = []  # see balance()
+        self._next_backend = 0
         self.logged_out = False
         self._handlers = {name.lower(): (name, getattr(self, f"_m_{name}")) for name in self.METHODS}
         self._users: dict[int, JSON] = {}
@@ -868,32 +874,77 @@ class FakeBotAPI:
                 pass
 
     async def _deliver_webhook(self, hook: JSON) -> None:
-        """POSTs queued updates to the (loopback) webhook one by one, in order, retrying failures."""
+        """POSTs queued updates to the (loopback) webhook as Telegram does: up to ``max_connections`` at
+        a time, each retried until it is answered with 2xx. With :meth:`balance`, to the backends in turn."""
         headers = {"X-Telegram-Bot-Api-Secret-Token": hook["secret_token"]} if hook["secret_token"] else {}
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-            while not self._closing:
-                changed = self._changed
-                batch = self._deliverable(1)
-                if not batch:
-                    await changed.wait()
-                    continue
-                update = batch[0]
-                try:
-                    async with session.post(hook["url"], json=update, headers=headers) as resp:
-                        await resp.read()
-                        outcome: int | str = resp.status
-                except (aiohttp.ClientError, TimeoutError) as exc:
-                    outcome = f"{type(exc).__name__}: {exc}"
-                self.webhook_log.append((update["update_id"], outcome))
-                if isinstance(outcome, int) and 200 <= outcome < 300:
-                    self._updates = [u for u in self._updates if u["update_id"] != update["update_id"]]
-                    continue
-                if self.webhook is not None:
-                    self.webhook["last_error_date"] = int(time.time())
-                    self.webhook["last_error_message"] = (
-                        f"Wrong response from the webhook: {outcome}" if isinstance(outcome, int) else outcome
-                    )
-                await asyncio.sleep(0.2)
+        slots = asyncio.Semaphore(hook["max_connections"])
+        in_flight: dict[int, asyncio.Task[None]] = {}
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WEBHOOK_TIMEOUT_S)) as session:
+            try:
+                while not self._closing:
+                    changed = self._changed
+                    batch = [u for u in self._deliverable(100) if u["update_id"] not in in_flight]
+                    if not batch:
+                        await changed.wait()
+                        continue
+                    for update in batch:
+                        await slots.acquire()
+                        task = asyncio.get_running_loop().create_task(self._post_update(session, hook, headers, update))
+                        in_flight[update["update_id"]] = task
+                        task.add_done_callback(lambda _t, uid=update["update_id"]: (in_flight.pop(uid, None), slots.release(), self._wake()))
+            finally:
+                for task in list(in_flight.values()):
+                    task.cancel()
+                await asyncio.gather(*in_flight.values(), return_exceptions=True)
+
+    async def _post_update(self, session: aiohttp.ClientSession, hook: JSON, headers: JSON, update: JSON) -> None:
+        """One delivery try; a failed one waits a little before its update may be tried again."""
+        outcome = await self.post_update(update, self._next_target(hook["url"]), session=session, headers=headers)
+        if isinstance(outcome, int) and 200 <= outcome < 300:
+            self._updates = [u for u in self._updates if u["update_id"] != update["update_id"]]
+            return
+        if self.webhook is not None:
+            self.webhook["last_error_date"] = int(time.time())
+            self.webhook["last_error_message"] = f"Wrong response from the webhook: {outcome}" if isinstance(outcome, int) else outcome
+        await asyncio.sleep(0.2)
+
+    def _next_target(self, url: str) -> str:
+        if not self.backends:
+            return url
+        target = self.backends[self._next_backend % len(self.backends)]
+        self._next_backend += 1
+        return target
+
+    def balance(self, backends: list[str], *, start: int = 0) -> None:
+        """Play the load balancer in front of several bot replicas: webhook deliveries go to ``backends``
+        (full URLs) in turn, starting with ``backends[start]``; a failed try goes to the next one."""
+        self.backends, self._next_backend = list(backends), start
+
+    def deliver_next_to(self, index: int) -> None:
+        """The next webhook delivery goes to ``backends[index]``."""
+        self._next_backend = index
+
+    async def post_update(self, update: JSON, url: str, *, session: aiohttp.ClientSession | None = None,
+                          headers: JSON | None = None) -> int | str:
+        """POST ``update`` to ``url`` once, as Telegram would (with the webhook's secret): what a re-delivery
+        does. Returns the HTTP status or the error; logged in :attr:`webhook_log` and :attr:`deliveries`."""
+        if headers is None:
+            secret = (self.webhook or {}).get("secret_token")
+            headers = {"X-Telegram-Bot-Api-Secret-Token": secret} if secret else {}
+        own = session is None
+        session = session or aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WEBHOOK_TIMEOUT_S))
+        try:
+            async with session.post(url, json=update, headers=headers) as resp:
+                await resp.read()
+                outcome: int | str = resp.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            outcome = f"{type(exc).__name__}: {exc}"
+        finally:
+            if own:
+                await session.close()
+        self.webhook_log.append((update["update_id"], outcome))
+        self.deliveries.append((update["update_id"], url, outcome))
+        return outcome
 
     # -- bot info ------------------------------------------------------------------------------
 

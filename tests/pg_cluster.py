@@ -13,11 +13,15 @@ import shutil
 import socket
 import subprocess
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
 
 
 def postgres_bin() -> Path | None:
@@ -92,3 +96,18 @@ def own_postgres() -> Iterator[Cluster]:
                 pass  # already stopped by the test
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@asynccontextmanager
+async def fresh_database(admin_url: str, prefix: str = "ff_test") -> AsyncIterator[str]:
+    """A new, empty database on the server ``admin_url`` names (a role that may CREATE DATABASE), dropped afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        async with admin.connect() as conn:
+            await conn.execute(text(f'CREATE DATABASE "{name}"'))
+        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+        async with admin.connect() as conn:
+            await conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+    finally:
+        await admin.dispose()

@@ -844,7 +844,7 @@ async def test_shutdown_lets_searches_in_flight_finish(engine_files: EngineFiles
         await asyncio.wait_for(stopping, 30)
         assert len(bot.keyboards(501)) == 1
         assert bot.rows("SELECT outcome FROM searches WHERE user_id=501") == [("ok",)]
-        assert "services" not in bot.app.bot_data  # post_shutdown ran: queue drained, database closed
+        assert "services" not in bot.app.bot_data  # the services closed: queue drained, database closed
         # the album was sent while stopping: storing its photos' file_ids (a background task) was awaited, not lost
         assert bot.rows("SELECT count(*) FROM products WHERE photo_file_id IS NOT NULL") == [(5,)]
         assert [str(w.message) for w in recwarn if issubclass(w.category, PTBUserWarning)] == []

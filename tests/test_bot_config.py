@@ -101,9 +101,12 @@ def test_malformed_token_is_not_echoed() -> None:
     assert "short secret" not in str(err.value)
 
 
-def test_webhook_secret_is_random_when_unset() -> None:
+def test_webhook_secret_when_unset_is_the_same_for_every_replica_of_a_bot() -> None:
+    """Derived from the token: each replica's setWebhook registers the one the others check."""
     a, b = settings(), settings()
-    assert len(a.webhook_secret) >= 32 and a.webhook_secret != b.webhook_secret
+    other = settings(TELEGRAM_BOT_TOKEN="987654321:AAHanotherTokenForTheBotTests-xyz")
+    assert len(a.webhook_secret) >= 32 and a.webhook_secret == b.webhook_secret != other.webhook_secret
+    assert TOKEN.split(":")[1] not in a.webhook_secret
 
 
 def test_token_never_reaches_a_log_line() -> None:

@@ -360,3 +360,28 @@ async def test_no_column_can_hold_a_photo(db_path: Path, db: Database) -> None:
     assert "embedding" in columns and blobs == [("searches", "embedding")]
     with pytest.raises(ValueError):
         await search(db, ALICE, embedding=np.zeros(EMBEDDING_DIM * 4, np.float32))  # no smuggling bytes in
+
+
+async def test_heartbeats_and_update_claims(db: Database) -> None:
+    """One claim per update; only an unfinished claim of the named replica can be taken over; old rows go."""
+    base = await db.create_model_version("base", "w", "i", activate=True)
+    await db.heartbeat("bot-1", base.id)
+    await db.heartbeat("bot-2", None)
+    await db.heartbeat("bot-1", base.id)  # an upsert, not a second row
+    assert [(r.name, r.model_version) for r in await db.list_replicas()] == [("bot-1", "base"), ("bot-2", None)]
+    assert await db.list_replicas(timedelta(0)) == []  # nobody seen within no time at all
+    claim = await db.claim_update(7, "bot-1")
+    assert claim.mine and not claim.finished
+    again = await db.claim_update(7, "bot-2")
+    assert (again.mine, again.replica, again.finished) == (False, "bot-1", False)
+    assert not await db.take_over_update(7, "bot-2", "bot-3")  # not the claimer
+    assert await db.take_over_update(7, "bot-2", "bot-1")
+    await db.finish_update(7)
+    assert not await db.take_over_update(7, "bot-3", "bot-2")  # finished: nothing to take over
+    assert (await db.claim_update(7, "bot-3")).finished
+    await db.forget_replica("bot-2")
+    assert await db.replica_last_seen("bot-2") is None and await db.replica_last_seen("bot-1") is not None
+    assert await db.prune_replicas_and_updates() == 0
+    assert await db.prune_replicas_and_updates(timedelta(0)) == 2  # the claim and bot-1's heartbeat
+    with pytest.raises(ValueError, match="update_id"):
+        await db.claim_update(-1, "bot-1")

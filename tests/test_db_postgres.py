@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-import uuid
 from collections.abc import AsyncIterator
 
 import numpy as np
@@ -26,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from ffengine.db import Database, FeedbackRefused, TrainingBusy, upgrade_to_head
 from ffengine.db.migrate import alembic_config, current_revision, head_revision
 from ffengine.db.models import Base
+from tests.pg_cluster import fresh_database
 
 ADMIN_URL = os.environ.get("FF_TEST_POSTGRES_URL", "")
 pytestmark = pytest.mark.skipif(
@@ -51,16 +51,8 @@ async def start_upgrader(url: str) -> asyncio.subprocess.Process:
 
 @pytest.fixture
 async def pg_url() -> AsyncIterator[str]:
-    name = f"ff_test_{uuid.uuid4().hex[:12]}"
-    admin = create_async_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-    try:
-        async with admin.connect() as conn:
-            await conn.execute(text(f'CREATE DATABASE "{name}"'))
-        yield make_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-        async with admin.connect() as conn:
-            await conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
-    finally:
-        await admin.dispose()
+    async with fresh_database(ADMIN_URL) as url:
+        yield url
 
 
 @pytest.fixture
@@ -210,3 +202,32 @@ async def test_one_active_version_and_one_running_run(pg_url: str, db: Database,
     with pytest.raises(IntegrityError):
         async with probe.begin() as conn:
             await conn.execute(text("UPDATE model_versions SET is_active = true"))
+
+
+async def test_activation_notifies_listeners_once_committed(pg_url: str, db: Database) -> None:
+    from ffengine.db import ACTIVE_VERSION_CHANNEL
+
+    other = await Database.open(pg_url)  # another replica
+    heard: asyncio.Queue[str] = asyncio.Queue()
+    try:
+        async with other.listen(ACTIVE_VERSION_CHANNEL, heard.put_nowait) as lost:
+            base = await db.create_model_version("base", "w", "i", activate=True)
+            assert await asyncio.wait_for(heard.get(), 5) == str(base.id)
+            small = await db.create_model_version("small", "w", "j")
+            await db.activate_model_version("small")
+            assert await asyncio.wait_for(heard.get(), 5) == str(small.id)
+            with pytest.raises(Exception):  # noqa: B017 - an activation that does not commit notifies nobody
+                await db.activate_model_version("nosuch")
+            await asyncio.sleep(0.2)
+            assert heard.empty() and not lost.done()
+    finally:
+        await other.close()
+
+
+async def test_concurrent_claims_of_one_update_have_one_winner(pg_url: str, db: Database) -> None:
+    other = await Database.open(pg_url)
+    try:
+        claims = await asyncio.gather(*(d.claim_update(99, f"bot-{i}") for i, d in enumerate([db, other] * 5)))
+    finally:
+        await other.close()
+    assert sum(c.mine for c in claims) == 1 and len({c.replica for c in claims}) == 1

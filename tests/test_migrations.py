@@ -19,7 +19,7 @@ from ffengine.db.migrate import alembic_config, current_revision, head_revision,
 from ffengine.db.models import Base
 
 REPO = Path(__file__).resolve().parents[1]
-TABLES = {"users", "searches", "recommendations", "feedback", "products", "model_versions", "training_runs", "search_items", "search_origins"}
+TABLES = {"users", "searches", "recommendations", "feedback", "products", "model_versions", "training_runs", "search_items", "search_origins", "replicas", "processed_updates"}
 
 
 def sqlite_url(path: Path) -> str:
@@ -123,7 +123,34 @@ def test_the_items_migration_goes_down_and_up_without_touching_the_search_log(tm
     with sqlite3.connect(path) as conn:
         assert {table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0] for table in log} == before == {t: n for t, n in zip(log, (1, 2, 2, 1), strict=True)}
         assert "file_id" not in {row[1] for row in conn.execute("PRAGMA table_info(searches)")}
-    assert tables(path) == TABLES - {"search_items", "search_origins"}
+    assert tables(path) == TABLES - {"search_items", "search_origins", "replicas", "processed_updates"}
+    command.upgrade(cfg, "head")
+    assert tables(path) == TABLES and schema_diff(path) == []
+
+
+def test_the_replicas_migration_goes_down_and_up_keeping_the_versions_and_the_log(tmp_path: Path) -> None:
+    """0004 only adds tables: down and up again keep every model version and search (SQLite cascades a copied table)."""
+    path = tmp_path / "ff.db"
+    cfg = alembic_config(sqlite_url(path))
+    command.upgrade(cfg, "head")
+    with sqlite3.connect(path) as conn:
+        conn.executescript(
+            """
+            PRAGMA foreign_keys = ON;
+            INSERT INTO model_versions (id, name, created_at, weights, index_dir, is_active) VALUES (1, 'base', '2026-01-01', 'w', 'i', 1);
+            INSERT INTO users (id, first_seen, last_seen) VALUES (7, '2026-01-01', '2026-01-01');
+            INSERT INTO searches (id, user_id, created_at, latency_ms, outcome, model_version_id) VALUES (1, 7, '2026-01-01', 5, 'ok', 1);
+            INSERT INTO replicas VALUES ('bot-1', '2026-01-01', '2026-01-01', 1);
+            INSERT INTO processed_updates VALUES (42, 'bot-1', '2026-01-01', NULL);
+            """
+        )
+        with pytest.raises(sqlite3.IntegrityError):  # one claim per update
+            conn.execute("INSERT INTO processed_updates VALUES (42, 'bot-2', '2026-01-01', NULL)")
+    command.downgrade(cfg, "0003")
+    assert tables(path) == TABLES - {"replicas", "processed_updates"}
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT count(*) FROM model_versions").fetchone()[0] == 1
+        assert conn.execute("SELECT count(*) FROM searches").fetchone()[0] == 1
     command.upgrade(cfg, "head")
     assert tables(path) == TABLES and schema_diff(path) == []
 

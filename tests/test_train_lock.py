@@ -88,3 +88,60 @@ def test_the_lock_is_released_when_the_run_raises(tmp_path: Path) -> None:
             raise RuntimeError("boom")
     with training_lock(tmp_path, "feedback"):
         pass
+
+
+PG_URL = os.environ.get("FF_TEST_POSTGRES_URL", "")
+PG_HOLDER = """
+import asyncio, pathlib, sys
+from ffengine.db import Database
+from train.lock import run_lock
+
+async def hold():
+    db = await Database.open(sys.argv[1])
+    async with run_lock(db, pathlib.Path(sys.argv[2]), "feedback"):
+        pathlib.Path(sys.argv[2], "child-ready").write_text("ok")
+        await asyncio.sleep(120)
+
+asyncio.run(hold())
+"""
+
+
+@pytest.mark.skipif(not PG_URL, reason="set FF_TEST_POSTGRES_URL (bash .ci/start-postgres) to run")
+async def test_on_postgresql_the_lock_is_the_databases_and_dies_with_its_holder(tmp_path: Path) -> None:
+    """Two hosts share the database, not a lock file: another process (own data folder) is refused
+    while the holder lives, and takes the lock once the holder is killed."""
+    import asyncio
+
+    from ffengine.db import Database
+    from train.lock import run_lock
+
+    holder_dir, my_dir = tmp_path / "host-a", tmp_path / "host-b"
+    holder_dir.mkdir()
+    child = subprocess.Popen([sys.executable, "-c", PG_HOLDER, PG_URL, str(holder_dir)], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    db = await Database.open(PG_URL)
+    try:
+        for _ in range(600):
+            if (holder_dir / "child-ready").exists() or child.poll() is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert (holder_dir / "child-ready").exists(), "the child did not take the lock"
+        with pytest.raises(TrainingLocked, match="already running: another process"):
+            async with run_lock(db, my_dir, "feedback"):
+                pass
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        for _ in range(100):  # the server notices the closed connection at once; allow it a moment
+            try:
+                async with run_lock(db, my_dir, "feedback") as stale:
+                    assert stale is None
+                break
+            except TrainingLocked:
+                await asyncio.sleep(0.05)
+        else:
+            pytest.fail("the lock outlived its killed holder")
+        assert not (my_dir / LOCK_NAME).exists()  # no file lock on PostgreSQL
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        await db.close()

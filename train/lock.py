@@ -7,6 +7,11 @@ it over (it reads who held it before, for the log). The file's content says who 
 it now (pid, host, start time, what kind of run), so a refused run can say why.
 
 POSIX only (Linux, macOS), which is where the bot and its data directory live.
+
+On PostgreSQL the lock is the database's instead (:func:`run_lock`): several hosts share one
+database and a data folder, and a file lock on one host does not reach the others. A
+session-level advisory lock lives as long as the connection that took it, so it too is freed
+when its process dies.
 """
 
 from __future__ import annotations
@@ -16,14 +21,17 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from ffengine.db import Database
 from train.errors import TrainingLocked
 
 LOCK_NAME = "train.lock"
+#: PostgreSQL advisory lock key of training ("FFtr"; migrations hold "FFdb").
+TRAINING_LOCK_KEY = 0x4646_7472
 
 
 @dataclass(frozen=True)
@@ -78,3 +86,30 @@ def training_lock(data_dir: Path, kind: str) -> Iterator[LockHolder | None]:
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+@asynccontextmanager
+async def run_lock(db: Database, data_dir: Path, kind: str) -> AsyncIterator[LockHolder | None]:
+    """The training lock every process sharing ``db`` respects: PostgreSQL's advisory lock on a
+    dedicated connection held for the block, or :func:`training_lock` on SQLite (one host).
+
+    Raises :class:`TrainingLocked` when another run holds it; yields what :func:`training_lock` yields
+    (always ``None`` on PostgreSQL, which keeps no note of a dead holder).
+    """
+    if not db.is_postgres:
+        with training_lock(data_dir, kind) as stale:
+            yield stale
+        return
+    async with db.advisory_lock(TRAINING_LOCK_KEY) as taken:
+        if not taken:
+            raise TrainingLocked(f"Training is already running: {await running_run(db)}. Wait for it to finish.")
+        yield None
+
+
+async def running_run(db: Database) -> str:
+    """The run holding the database's lock, as its ``training_runs`` row tells (it may not have one yet)."""
+    latest = await db.list_training_runs(limit=1)
+    if not latest or latest[0].status != "running":
+        return "another process (on this or another host) holds the database's training lock"
+    run = latest[0]
+    return f"a {run.kind} run (#{run.id}, started {run.started_at:%Y-%m-%d %H:%M:%S} UTC, {run.progress:.0%} done)"

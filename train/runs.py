@@ -1,5 +1,8 @@
 """The frame every training run shares: lock, ``training_runs`` row, progress, clean failure.
 
+The lock (:func:`train.lock.run_lock`) is the database's on PostgreSQL, so one run at a time
+holds across every host that shares the database; a file lock in the data folder on SQLite.
+
 Inside :func:`training_run` a run may write files into folders it lists in
 ``run.made``; if it fails (an exception, a cancellation) before it registers them as
 a model version, they are removed and the row is closed as ``failed`` with the error.
@@ -30,7 +33,7 @@ from ffengine.db import Database
 from ffengine.db import TrainingRun as RunRecord
 from ffengine.errors import FFError
 from train.errors import TrainingLocked
-from train.lock import training_lock
+from train.lock import run_lock
 from train.versions import keep_rejected, remove_partial_writes, remove_version_files
 
 log = logging.getLogger(__name__)
@@ -129,7 +132,7 @@ async def close_dead_runs(db: Database, settings: EngineSettings) -> list[RunRec
 async def recover_interrupted(db: Database, settings: EngineSettings) -> list[RunRecord]:
     """:func:`close_dead_runs` unless a training holds the lock (its run is alive); the closed runs."""
     try:
-        with training_lock(settings.data_dir, "start-up check"):
+        async with run_lock(db, settings.data_dir, "start-up check"):
             return await close_dead_runs(db, settings)
     except TrainingLocked as busy:
         log.info("not checking for interrupted training runs: %s", busy)
@@ -142,7 +145,7 @@ async def training_run(
 ) -> AsyncIterator[Run]:
     """Hold the lock and a ``running`` row for the block; on any failure clean up and record it."""
     keep_rejected()  # a malformed setting stops the run before any work
-    with training_lock(settings.data_dir, kind) as stale:
+    async with run_lock(db, settings.data_dir, kind) as stale:
         if stale is not None:
             log.warning("took over the training lock from %s, which died", stale.describe())
         await close_dead_runs(db, settings)

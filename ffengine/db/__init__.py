@@ -4,8 +4,15 @@
 the one object callers use; see docs/ARCHITECTURE.md for the contract.
 """
 
+from ffengine.db.coordination import ACTIVE_VERSION_CHANNEL
 from ffengine.db.database import UNVERSIONED, Database
-from ffengine.db.errors import FeedbackRefused, NotFound, StorageError, StorageUnavailable, TrainingBusy
+from ffengine.db.errors import (
+    FeedbackRefused,
+    NotFound,
+    StorageError,
+    StorageUnavailable,
+    TrainingBusy,
+)
 from ffengine.db.migrate import upgrade_to_head
 from ffengine.db.models import EMBEDDING_DIM
 from ffengine.db.records import (
@@ -18,15 +25,18 @@ from ffengine.db.records import (
     PressedRecommendation,
     RatingResult,
     RecommendationRow,
+    ReplicaRecord,
     SearchRecord,
     Stats,
     StoredItem,
     TrainingRun,
+    UpdateClaim,
     UpsertResult,
     UserSummary,
 )
 
 __all__ = [
+    "ACTIVE_VERSION_CHANNEL",
     "EMBEDDING_DIM",
     "UNVERSIONED",
     "Database",
@@ -41,6 +51,7 @@ __all__ = [
     "PressedRecommendation",
     "RatingResult",
     "RecommendationRow",
+    "ReplicaRecord",
     "SearchRecord",
     "Stats",
     "StorageError",
@@ -48,6 +59,7 @@ __all__ = [
     "StoredItem",
     "TrainingBusy",
     "TrainingRun",
+    "UpdateClaim",
     "UpsertResult",
     "UserSummary",
     "upgrade_to_head",

@@ -17,11 +17,13 @@ from sqlalchemy.sql.selectable import ScalarSelect
 
 from ffengine.db import migrate
 from ffengine.db import models as m
+from ffengine.db.coordination import Coordination
 from ffengine.db.engine import display_url, make_engine
 from ffengine.db.errors import StorageError
 from ffengine.db.presses import PressLog
 from ffengine.db.products import ProductStore
 from ffengine.db.records import LikeRate, Stats
+from ffengine.db.replicas import ReplicaStore
 from ffengine.db.searches import SearchLog
 from ffengine.db.training import TrainingLog
 from ffengine.db.users import UserStore
@@ -33,7 +35,7 @@ LATENCY_WINDOW = 1000  # stats: percentiles over this many most recent successfu
 UNVERSIONED = "(no version)"  # stats.like_rate key for searches answered without a model version
 
 
-class Database(UserStore, SearchLog, PressLog, ProductStore, ModelRegistry, TrainingLog):
+class Database(UserStore, SearchLog, PressLog, ProductStore, ModelRegistry, TrainingLog, ReplicaStore, Coordination):
     """Async storage on any SQLAlchemy URL (SQLite file by default, PostgreSQL via asyncpg)."""
 
     @classmethod

@@ -20,6 +20,7 @@ EMBEDDING_BYTES = EMBEDDING_DIM * 4  # float32
 PRODUCT_ID_MAX = 255  # >= ffengine.catalog.MAX_ID_LENGTH
 TRAINING_STATUSES = ("running", "succeeded", "failed", "rejected")
 CATEGORY_MAX = 128  # == Product.category's length
+REPLICA_NAME_MAX = 128
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -255,3 +256,28 @@ class TrainingRun(Base):
     #: Where a person watches the run (the bot's status message: chat_id, message_id), so that
     #: whoever finds the run interrupted can say so there.
     progress_message: Mapped[dict[str, Any] | None]
+
+
+class Replica(Base):
+    """A bot process that serves (its heartbeat): which model version it answers with, when it was last
+    seen. Replicas follow the active version; this says whether each one got there."""
+
+    __tablename__ = "replicas"
+
+    name: Mapped[str] = mapped_column(sa.String(REPLICA_NAME_MAX), primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen: Mapped[datetime] = mapped_column(default=utcnow)
+    model_version_id: Mapped[int | None] = mapped_column(sa.ForeignKey("model_versions.id", ondelete="SET NULL"))
+
+
+class ProcessedUpdate(Base):
+    """A Telegram update a replica took on: the primary key lets one replica claim it, so an update
+    Telegram delivers twice (to a slow or dead replica, then to another) is handled once.
+    ``finished_at`` is set when its handlers are done; rows older than a day are deleted."""
+
+    __tablename__ = "processed_updates"
+
+    update_id: Mapped[int] = mapped_column(sa.BigInteger, primary_key=True, autoincrement=False)
+    replica: Mapped[str] = mapped_column(sa.String(REPLICA_NAME_MAX))
+    received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    finished_at: Mapped[datetime | None]

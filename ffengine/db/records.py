@@ -175,3 +175,24 @@ class TrainingRun:
     model_version_id: int | None
     metrics: dict[str, Any] | None
     progress_message: dict[str, Any] | None = None  # where a person watches it (see models.TrainingRun)
+
+
+@dataclass(frozen=True)
+class ReplicaRecord:
+    """A bot process's last heartbeat: the model version it answers with (``None``: none yet)."""
+
+    name: str
+    started_at: datetime
+    last_seen: datetime
+    model_version_id: int | None
+    model_version: str | None  # its name
+
+
+@dataclass(frozen=True)
+class UpdateClaim:
+    """Who took on a Telegram update: ``mine`` when this call claimed it, else the replica that had."""
+
+    update_id: int
+    replica: str
+    mine: bool
+    finished: bool

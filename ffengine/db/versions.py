@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ffengine.db import models as m
+from ffengine.db.coordination import ACTIVE_VERSION_CHANNEL
 from ffengine.db.errors import NotFound, StorageError
 from ffengine.db.records import ModelVersion
 from ffengine.db.store import BIGINT_MAX, Store, check_id, check_text, to_json
@@ -47,7 +48,8 @@ async def require_version(session: AsyncSession, id_or_name: int | str) -> m.Mod
 
 async def make_active(session: AsyncSession, row: m.ModelVersion) -> None:
     """Deactivate the others first, then activate ``row``: the partial unique index
-    (one active at most) holds at every statement."""
+    (one active at most) holds at every statement. On PostgreSQL every listening replica is
+    notified when the transaction commits (and not if it does not)."""
     await session.execute(
         update(m.ModelVersion)
         .where(m.ModelVersion.is_active.is_(True), m.ModelVersion.id != row.id)
@@ -58,6 +60,8 @@ async def make_active(session: AsyncSession, row: m.ModelVersion) -> None:
         row.is_active = True
         row.activated_at = m.utcnow()
     await session.flush()
+    if session.bind.dialect.name == "postgresql":
+        await session.execute(select(func.pg_notify(ACTIVE_VERSION_CHANNEL, str(row.id))))
 
 
 class ModelRegistry(Store):
