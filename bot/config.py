@@ -12,54 +12,61 @@ import hmac
 import os
 import re
 import socket
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlsplit
 
-from ffengine.config import EngineSettings, database_url, env_float, env_int, env_str
+from ffengine.config import EngineSettings, database_url, env_str, one_of, read_env, setting
 from ffengine.errors import ConfigError
 
 DEFAULT_API_URL = "https://api.telegram.org"
-#: What Telegram's cloud Bot API lets a bot download; self-hosted servers lift it.
-TELEGRAM_DOWNLOAD_LIMIT_MB = 20
-TOKEN_RE = re.compile(r"^\d{1,20}:[A-Za-z0-9_-]{8,100}$")
-SECRET_RE = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
-REPLICA_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
 
 NO_TOKEN = (
     "TELEGRAM_BOT_TOKEN is not set: open Telegram, talk to @BotFather, send /newbot, "
     "and put the token it gives you in TELEGRAM_BOT_TOKEN (environment or .env)."
 )
 
-Mode = Literal["polling", "webhook"]
 
-
-def _http_url(env: Mapping[str, str], name: str, default: str | None = None) -> str | None:
-    raw = env_str(env, name, default)
-    if raw is None:
-        return None
+def _http_url(raw: str, name: str) -> str:
     parts = urlsplit(raw)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{name} must be an http(s) URL such as https://example.org, got {raw!r}")
     return raw.rstrip("/")
 
 
-def _api_root(env: Mapping[str, str]) -> str:
+def _api_root(raw: str, name: str) -> str:
     """``TELEGRAM_API_URL`` as the server's root. ``http://host:8081/bot`` is accepted too: the Bot API's own
     URLs start that way, so it is a natural way to write a local server's address (PTB adds ``/bot`` itself)."""
-    url = _http_url(env, "TELEGRAM_API_URL", DEFAULT_API_URL) or DEFAULT_API_URL
+    url = _http_url(raw, name)
     return url.removesuffix("/bot") if urlsplit(url).path.endswith("/bot") else url
 
 
-def _admin_ids(env: Mapping[str, str]) -> frozenset[int]:
-    raw = env_str(env, "ADMIN_IDS", "") or ""
+def _admin_ids(raw: str, name: str) -> frozenset[int]:
     ids: set[int] = set()
     for part in filter(None, (p.strip() for p in raw.split(","))):
         if not part.isdigit():
-            raise ConfigError(f"ADMIN_IDS must be comma-separated Telegram user ids (numbers), got {part!r}")
+            raise ConfigError(f"{name} must be comma-separated Telegram user ids (numbers), got {part!r}")
         ids.add(int(part))
     return frozenset(ids)
+
+
+def _matching(pattern: str, problem: str) -> Callable[[str, str], str]:
+    """Accepts what the regular expression ``pattern`` matches; else ``problem`` (a format of ``name``, ``raw``)."""
+    regex = re.compile(pattern)
+
+    def parse(raw: str, name: str) -> str:
+        if not regex.fullmatch(raw):
+            raise ConfigError(problem.format(name=name, raw=raw))
+        return raw
+
+    return parse
+
+
+#: A malformed token may still be a real secret: the message never repeats it.
+_token = _matching(r"\d{1,20}:[A-Za-z0-9_-]{8,100}", "{name} does not look like a bot token (123456:ABC-...); copy it again from @BotFather.")
+_webhook_secret = _matching(r"[A-Za-z0-9_-]{1,256}", "{name} may only use A-Z, a-z, 0-9, _ and - (1 to 256 characters)")
+_replica_name = _matching(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}", "{name} must be 1-128 letters, digits or . _ : @ - (starting with a letter or digit), got {raw!r}")
 
 
 def derived_secret(token: str) -> str:
@@ -75,49 +82,55 @@ def default_replica_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"[:128]
 
 
-def _replica_name(env: Mapping[str, str]) -> str:
-    name = env_str(env, "BOT_REPLICA_NAME") or default_replica_name()
-    if not REPLICA_RE.match(name):
-        raise ConfigError(f"BOT_REPLICA_NAME must be 1-128 letters, digits or . _ : @ - (starting with a letter or digit), got {name!r}")
-    return name
-
-
-def _log_level(env: Mapping[str, str]) -> str:
-    level = (env_str(env, "BOT_LOG_LEVEL", "INFO") or "INFO").upper()
-    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ConfigError(f"BOT_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
-    return level
-
-
 @dataclass(frozen=True)
 class BotSettings:
-    """Everything ``python -m bot`` needs; the token is kept out of ``repr``."""
+    """Everything ``python -m bot`` needs, each setting with its variable and default in one place;
+    the token and the webhook secret are kept out of ``repr``."""
 
-    token: str = field(repr=False)
+    token: str = setting("TELEGRAM_BOT_TOKEN", parse=_token, repr=False)
     engine: EngineSettings
     database_url: str
-    admin_ids: frozenset[int] = frozenset()
-    api_url: str = DEFAULT_API_URL
-    mode: Mode = "polling"
+    admin_ids: frozenset[int] = setting("ADMIN_IDS", frozenset(), parse=_admin_ids)
+    api_url: str = setting("TELEGRAM_API_URL", DEFAULT_API_URL, parse=_api_root)
+    mode: Literal["polling", "webhook"] = setting("BOT_MODE", "polling", parse=one_of("polling", "webhook", case=str.lower))
     #: Public https URL Telegram posts updates to (webhook mode); its path is served locally.
-    webhook_url: str | None = None
-    webhook_listen: str = "127.0.0.1"
-    webhook_port: int = 8443
-    webhook_secret: str = field(default="", repr=False)
-    max_download_bytes: int = TELEGRAM_DOWNLOAD_LIMIT_MB * 1024 * 1024
-    queue_size: int = 64
-    batch_size: int = 16
-    batch_wait_ms: int = 10
-    concurrent_updates: int = 64
+    webhook_url: str | None = setting("BOT_WEBHOOK_URL", None, parse=_http_url)
+    webhook_listen: str = setting("BOT_WEBHOOK_LISTEN", "127.0.0.1")
+    webhook_port: int = setting("BOT_WEBHOOK_PORT", 8443, maximum=65535)
+    #: Default: derived from the token (:func:`derived_secret`).
+    webhook_secret: str = setting("BOT_WEBHOOK_SECRET", "", parse=_webhook_secret, repr=False)
+    #: Largest photo downloaded; Telegram's cloud Bot API allows 20 MB, self-hosted servers lift it.
+    max_download_mb: int = setting("BOT_MAX_DOWNLOAD_MB", 20, minimum=1)
+    queue_size: int = setting("BOT_QUEUE_SIZE", 64, minimum=1)
+    batch_size: int = setting("BOT_BATCH_SIZE", 16, minimum=1)
+    batch_wait_ms: int = setting("BOT_BATCH_WAIT_MS", 10)
+    concurrent_updates: int = setting("BOT_CONCURRENT_UPDATES", 64, minimum=1)
     #: Outgoing requests per second over all chats (Telegram allows about 30); 0 disables.
-    rate_limit: float = 30.0
-    max_retries: int = 3
-    error_notify_interval_s: float = 60.0
-    log_level: str = "INFO"
+    rate_limit: float = setting("BOT_RATE_LIMIT", 30.0)
+    max_retries: int = setting("BOT_MAX_RETRIES", 3)
+    error_notify_interval_s: float = setting("BOT_ERROR_NOTIFY_INTERVAL", 60.0)
+    log_level: str = setting("BOT_LOG_LEVEL", "INFO", parse=one_of("DEBUG", "INFO", "WARNING", "ERROR", case=str.upper))
     #: This process among the replicas sharing the database (``/models`` names it).
-    replica_name: str = field(default_factory=default_replica_name)
+    replica_name: str = setting("BOT_REPLICA_NAME", default_factory=default_replica_name, parse=_replica_name)
     #: How often a replica writes its heartbeat and checks the active model version (PostgreSQL also notifies at once).
-    sync_interval_s: float = 2.0
+    sync_interval_s: float = setting("BOT_SYNC_INTERVAL", 2.0, minimum=0.05)
+
+    def __post_init__(self) -> None:
+        if not self.webhook_secret:
+            object.__setattr__(self, "webhook_secret", derived_secret(self.token))
+        if self.mode == "webhook" and self.webhook_url is None:
+            raise ConfigError("BOT_WEBHOOK_URL is required when BOT_MODE=webhook (the public https URL Telegram posts to)")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> BotSettings:
+        env = os.environ if env is None else env
+        if env_str(env, "TELEGRAM_BOT_TOKEN") is None:
+            raise ConfigError(NO_TOKEN)
+        return cls(**read_env(cls, env), engine=EngineSettings.from_env(env), database_url=database_url(env))
+
+    @property
+    def max_download_bytes(self) -> int:
+        return self.max_download_mb * 1024 * 1024
 
     @property
     def replica_timeout_s(self) -> float:
@@ -140,48 +153,3 @@ class BotSettings:
     def secrets(self) -> list[str]:
         """Values that must never reach a log line."""
         return [s for s in (self.token, self.webhook_secret) if s]
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> BotSettings:
-        env = os.environ if env is None else env
-        token = env_str(env, "TELEGRAM_BOT_TOKEN")
-        if token is None:
-            raise ConfigError(NO_TOKEN)
-        if not TOKEN_RE.match(token):
-            # Never echo the value: a malformed token may still be a real secret.
-            raise ConfigError("TELEGRAM_BOT_TOKEN does not look like a bot token (123456:ABC-...); copy it again from @BotFather.")
-        mode = (env_str(env, "BOT_MODE", "polling") or "polling").lower()
-        if mode not in ("polling", "webhook"):
-            raise ConfigError(f"BOT_MODE must be polling or webhook, got {mode!r}")
-        webhook_url = _http_url(env, "BOT_WEBHOOK_URL")
-        if mode == "webhook" and webhook_url is None:
-            raise ConfigError("BOT_WEBHOOK_URL is required when BOT_MODE=webhook (the public https URL Telegram posts to)")
-        port = env_int(env, "BOT_WEBHOOK_PORT", 8443)
-        if port > 65535:
-            raise ConfigError(f"BOT_WEBHOOK_PORT must be a TCP port (0 to 65535), got {port}")
-        secret = env_str(env, "BOT_WEBHOOK_SECRET") or derived_secret(token)
-        if not SECRET_RE.match(secret):
-            raise ConfigError("BOT_WEBHOOK_SECRET may only use A-Z, a-z, 0-9, _ and - (1 to 256 characters)")
-        return cls(
-            token=token,
-            engine=EngineSettings.from_env(env),
-            database_url=database_url(env),
-            admin_ids=_admin_ids(env),
-            api_url=_api_root(env),
-            mode=mode,  # type: ignore[arg-type]
-            webhook_url=webhook_url,
-            webhook_listen=env_str(env, "BOT_WEBHOOK_LISTEN", "127.0.0.1"),  # type: ignore[arg-type]
-            webhook_port=port,
-            webhook_secret=secret,
-            max_download_bytes=env_int(env, "BOT_MAX_DOWNLOAD_MB", TELEGRAM_DOWNLOAD_LIMIT_MB, minimum=1) * 1024 * 1024,
-            queue_size=env_int(env, "BOT_QUEUE_SIZE", 64, minimum=1),
-            batch_size=env_int(env, "BOT_BATCH_SIZE", 16, minimum=1),
-            batch_wait_ms=env_int(env, "BOT_BATCH_WAIT_MS", 10),
-            concurrent_updates=env_int(env, "BOT_CONCURRENT_UPDATES", 64, minimum=1),
-            rate_limit=env_float(env, "BOT_RATE_LIMIT", 30.0),
-            max_retries=env_int(env, "BOT_MAX_RETRIES", 3),
-            error_notify_interval_s=env_float(env, "BOT_ERROR_NOTIFY_INTERVAL", 60.0),
-            log_level=_log_level(env),
-            replica_name=_replica_name(env),
-            sync_interval_s=env_float(env, "BOT_SYNC_INTERVAL", 2.0, minimum=0.05),
-        )

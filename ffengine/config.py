@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field, fields, replace
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
+from typing import Any
 
 from ffengine.errors import ConfigError
 
@@ -75,32 +76,65 @@ def resolve_setting(name: str, value: str, folder: Path) -> str:
 
 def env_str(env: Mapping[str, str], name: str, default: str | None = None) -> str | None:
     """Return the stripped value of ``name``; blank counts as unset."""
-    value = env.get(name, "")
-    value = value.strip()
+    value = env.get(name, "").strip()
     return value if value else default
 
 
-def _env_number(env: Mapping[str, str], name: str, default: float, kind: type, what: str, minimum: float) -> float:
-    raw = env_str(env, name)
-    if raw is None:
-        return default
+def setting(env: str, default: Any = MISSING, *, parse: Callable[[str, str], Any] | None = None, minimum: float = 0, maximum: float | None = None, **kw: Any) -> Any:
+    """A settings dataclass field read from the variable ``env``: its row in the one table of settings.
+
+    The text is read by ``parse(text, env)``, which raises :class:`ConfigError` (default: the default's type;
+    numbers must lie in ``minimum``..``maximum``); blank or unset means ``default``. ``kw`` goes to
+    :func:`dataclasses.field`.
+    """
+    return field(default=default, **kw, metadata={"env": env, "parse": parse, "minimum": minimum, "maximum": maximum})
+
+
+def read_env(cls: type, env: Mapping[str, str], *only: str) -> dict[str, Any]:
+    """The parsed values of the fields of ``cls`` (or of those in ``only``) whose variable is set in ``env``.
+
+    Raises :class:`ConfigError` naming the variable, in one line, when a value is malformed.
+    """
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        if "env" not in f.metadata or (only and f.name not in only):
+            continue
+        name, raw = f.metadata["env"], env_str(env, f.metadata["env"])
+        if raw is None:
+            continue
+        if f.metadata["parse"]:
+            values[f.name] = f.metadata["parse"](raw, name)
+        elif isinstance(f.default, (int, float)):
+            values[f.name] = _number(raw, name, type(f.default), f.metadata["minimum"], f.metadata["maximum"])
+        else:  # str, Path
+            values[f.name] = type(f.default)(raw)
+    return values
+
+
+def env_setting(cls: type, name: str, env: Mapping[str, str] | None = None) -> Any:
+    """The field ``name`` of ``cls`` as ``env`` (default: the process environment) sets it, else its default."""
+    return read_env(cls, os.environ if env is None else env, name).get(name, getattr(cls, name))
+
+
+def one_of(*choices: str, case: Callable[[str], str] = str) -> Callable[[str, str], str]:
+    """A ``parse`` for :func:`setting` that accepts ``choices``, after ``case`` (such as ``str.lower``)."""
+
+    def parse(raw: str, name: str) -> str:
+        if case(raw) not in choices:
+            raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {case(raw)!r}")
+        return case(raw)
+
+    return parse
+
+
+def _number(raw: str, name: str, kind: type, low: float, high: float | None) -> float:
     try:
         value = kind(raw)
     except ValueError:
-        raise ConfigError(f"{name} must be {what}, got {raw!r}") from None
-    if value < minimum:
-        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+        raise ConfigError(f"{name} must be {'a whole number' if kind is int else 'a number'}, got {raw!r}") from None
+    if value < low or (high is not None and value > high):
+        raise ConfigError(f"{name} must be {f'at least {low}' if high is None else f'from {low} to {high}'}, got {value}")
     return value
-
-
-def env_int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -> int:
-    """An integer setting; blank means ``default``."""
-    return int(_env_number(env, name, default, int, "a whole number", minimum))
-
-
-def env_float(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0) -> float:
-    """A number setting; blank means ``default``."""
-    return float(_env_number(env, name, default, float, "a number", minimum))
 
 
 def normalise_host(host: str) -> str:
@@ -141,20 +175,21 @@ class FetchAllow:
 
 def env_fetch_allow(env: Mapping[str, str] | None = None) -> FetchAllow:
     """:data:`FETCH_ALLOW` from ``env`` (default: the process environment); unset allows nothing extra."""
-    env = os.environ if env is None else env
-    return FetchAllow.parse(env_str(env, FETCH_ALLOW) or "")
+    return env_setting(EngineSettings, "fetch_allow", env)
 
 
 def env_image_roots(env: Mapping[str, str] | None = None) -> tuple[Path, ...]:
     """:data:`IMAGE_ROOTS` from ``env`` (default: the process environment), each an existing folder, resolved."""
-    env = os.environ if env is None else env
+    return env_setting(EngineSettings, "image_roots", env)
+
+
+def parse_image_roots(value: str, setting: str = IMAGE_ROOTS) -> tuple[Path, ...]:
+    """``"/srv/photos:/mnt/shop"``: each an existing folder, resolved."""
     roots = []
-    for entry in (e.strip() for e in (env_str(env, IMAGE_ROOTS) or "").split(os.pathsep)):
-        if not entry:
-            continue
+    for entry in filter(None, (e.strip() for e in value.split(os.pathsep))):
         root = Path(entry).expanduser()
         if not root.is_dir():
-            raise ConfigError(f"{IMAGE_ROOTS}: {entry!r} is not a folder (separate several with {os.pathsep!r})")
+            raise ConfigError(f"{setting}: {entry!r} is not a folder (separate several with {os.pathsep!r})")
         roots.append(root.resolve())
     return tuple(roots)
 
@@ -172,11 +207,8 @@ def check_device(device: str, setting: str = "FFENGINE_DEVICE") -> str:
 RUNTIME_CHOICES = ("auto", "openvino", "onnx", "torch")
 
 
-def check_runtime(runtime: str, setting: str = "FFENGINE_RUNTIME") -> str:
-    """Accept ``auto``, ``openvino``, ``onnx`` or ``torch``."""
-    if runtime not in RUNTIME_CHOICES:
-        raise ConfigError(f"{setting} must be one of {', '.join(RUNTIME_CHOICES)}; got {runtime!r}")
-    return runtime
+#: ``check_runtime(value, setting)``: accept ``auto``, ``openvino``, ``onnx`` or ``torch``.
+check_runtime = one_of(*RUNTIME_CHOICES)
 
 
 @dataclass(frozen=True)
@@ -187,39 +219,30 @@ class EngineSettings:
     embedding cache); ``catalog`` is the store catalogue the index is built from.
     """
 
-    weights: str = DEFAULT_WEIGHTS
+    weights: str = setting("FFENGINE_WEIGHTS", DEFAULT_WEIGHTS)
     #: ``False`` when ``weights`` is only the default (no ``FFENGINE_WEIGHTS``, no ``--weights``): then the
     #: weights an index records take its place (:meth:`with_index_weights`).
     weights_chosen: bool = True
-    index_dir: Path = Path("data/index")
-    device: str = "auto"
-    data_dir: Path = Path("data")
-    catalog: Path | None = None
+    #: Default: ``data_dir / "index"``.
+    index_dir: Path = setting("FFENGINE_INDEX", None, parse=lambda raw, _: Path(raw))
+    device: str = setting("FFENGINE_DEVICE", "auto", parse=check_device)
+    data_dir: Path = setting("FFENGINE_DATA_DIR", Path("data"))
+    catalog: Path | None = setting("FFENGINE_CATALOG", None, parse=lambda raw, _: Path(raw))
     #: What computes features on CPU: ``auto`` (OpenVINO, else ONNX Runtime, else PyTorch), or one of them.
-    runtime: str = "auto"
+    runtime: str = setting("FFENGINE_RUNTIME", "auto", parse=check_runtime)
     #: Read here so that a malformed value stops start-up; the catalogue reader and the importer
     #: read the same variables themselves when not handed them (:func:`env_image_roots`, :func:`env_fetch_allow`).
-    image_roots: tuple[Path, ...] = ()
-    fetch_allow: FetchAllow = FetchAllow()
+    image_roots: tuple[Path, ...] = setting(IMAGE_ROOTS, (), parse=parse_image_roots)
+    fetch_allow: FetchAllow = setting(FETCH_ALLOW, FetchAllow(), parse=FetchAllow.parse)
+
+    def __post_init__(self) -> None:
+        if self.index_dir is None:
+            object.__setattr__(self, "index_dir", self.data_dir / "index")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> EngineSettings:
-        env = os.environ if env is None else env
-        data_dir = Path(env_str(env, "FFENGINE_DATA_DIR", "data"))  # type: ignore[arg-type]
-        index = env_str(env, "FFENGINE_INDEX")
-        catalog = env_str(env, "FFENGINE_CATALOG")
-        weights = env_str(env, "FFENGINE_WEIGHTS")
-        return cls(
-            weights=weights or DEFAULT_WEIGHTS,
-            weights_chosen=weights is not None,
-            index_dir=Path(index) if index else data_dir / "index",
-            device=check_device(env_str(env, "FFENGINE_DEVICE", "auto")),  # type: ignore[arg-type]
-            data_dir=data_dir,
-            catalog=Path(catalog) if catalog else None,
-            runtime=check_runtime(env_str(env, "FFENGINE_RUNTIME", "auto")),  # type: ignore[arg-type]
-            image_roots=env_image_roots(env),
-            fetch_allow=env_fetch_allow(env),
-        )
+        values = read_env(cls, os.environ if env is None else env)
+        return cls(**values, weights_chosen="weights" in values)
 
     def with_index_weights(self, index_dir: Path | None = None) -> EngineSettings:
         """These settings with the weights the index in ``index_dir`` (default: :attr:`index_dir`) was built
@@ -254,7 +277,7 @@ def database_url(env: Mapping[str, str] | None = None) -> str:
         if "://" not in url:
             raise ConfigError(f"DATABASE_URL must be an SQLAlchemy URL such as sqlite+aiosqlite:///data/ff.db, got {url!r}")
         return url
-    data_dir = Path(env_str(env, "FFENGINE_DATA_DIR", "data"))  # type: ignore[arg-type]
+    data_dir = env_setting(EngineSettings, "data_dir", env)
     return f"sqlite+aiosqlite:///{data_dir / 'focusedfashion.db'}"
 
 

@@ -130,3 +130,31 @@ def test_token_never_reaches_a_log_line() -> None:
     assert TOKEN not in out and "hook-secret" not in out
     assert out.count(REDACTED) == 4
     assert "RuntimeError: failed https://api.telegram.org/file/bot<redacted>/photos/1.jpg" in out
+
+
+def test_env_example_documents_every_setting_with_its_default() -> None:
+    """The table on the dataclasses is the one place of names and defaults; .env.example must agree with it."""
+    from dataclasses import fields
+    from pathlib import Path
+
+    from ffengine.config import EngineSettings, read_env
+
+    lines = (Path(__file__).parents[1] / ".env.example").read_text().splitlines()
+    example = dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+    for cls in (EngineSettings, BotSettings):
+        table = {f.name: f for f in fields(cls) if "env" in f.metadata}
+        assert {f.metadata["env"] for f in table.values()} <= set(example)
+        for name, value in read_env(cls, {**example, "TELEGRAM_BOT_TOKEN": ""}).items():
+            assert value == table[name].default, table[name].metadata["env"]
+
+
+def test_derived_defaults_follow_what_they_derive_from() -> None:
+    from pathlib import Path
+
+    from ffengine.config import EngineSettings
+
+    assert settings(FFENGINE_DATA_DIR="/srv/ff").engine.index_dir == Path("/srv/ff/index")
+    assert settings(FFENGINE_DATA_DIR="/srv/ff").database_url == "sqlite+aiosqlite:////srv/ff/focusedfashion.db"
+    assert EngineSettings(data_dir=Path("w")).index_dir == Path("w/index")
+    assert settings(FFENGINE_INDEX="elsewhere").engine.index_dir == Path("elsewhere")
+    assert settings(BOT_MAX_DOWNLOAD_MB=" ").max_download_bytes == 20 * 1024 * 1024  # blank: the default
