@@ -141,7 +141,8 @@ CATEGORY_SWEEP = (0.02, 0.05, 0.1)
 KIND_SWEEP = (0.2, 0.5, 1.0)
 VALIDATION = ("validation",)
 VARIANTS = (
-    Variant("a", "study: crop, raw 1280-d, BallTree, plain top 5", "crop", Reduction(None, False), "balltree", plain=True),
+    # the study's BallTree is an exact search: the "exact" backend finds the same neighbours
+    Variant("a", "study: crop, raw 1280-d, BallTree, plain top 5", "crop", Reduction(None, False), plain=True),
     Variant("b", "previous default: crop, L2, exact", "crop"),
     Variant("c", "whole picture, L2", "whole"),
     Variant("d", "whole + category prior", "whole", prior="category", sweep=CATEGORY_SWEEP),
@@ -177,10 +178,9 @@ class Ranker:
 
     def index(self, v: Variant) -> Index:
         e = self.embedded[v.fit]
-        options = {"coarse_dims": None} if v.backend == "balltree" else None
         return Index(
             e.features, e.products, fingerprint=e.embedder.fingerprint, projection=v.reduction.fit(e.features),
-            backend=v.backend, options=options, priors=self.priors(v),
+            backend=v.backend, priors=self.priors(v),
         )  # fmt: skip
 
     def rank(self, v: Variant, index: Index, feats: np.ndarray, k: int) -> list[list[Recommendation]]:

@@ -5,8 +5,8 @@ different model must never reuse another model's features. Each feature vector i
 ``.npy`` file under ``<cache_dir>/<fingerprint>/<sha[:2]>/<sha>.npy``:
 
 * no pickle anywhere (``np.load(allow_pickle=False)``);
-* writes are atomic (temp file in the same folder, then ``os.replace``), so a crash
-  or a concurrent build never leaves a half-written entry under the final name;
+* writes are atomic (:func:`ffengine.files.write_atomic`), so a crash or a concurrent
+  build never leaves a half-written entry under the final name;
 * an entry that is unreadable, of the wrong shape or dtype, or not finite is
   ignored (the caller recomputes and overwrites it).
 """
@@ -17,12 +17,12 @@ import hashlib
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
+
+from ffengine.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -40,23 +40,6 @@ def fingerprint_dir_name(fingerprint: str) -> str:
     if _SAFE_NAME.match(fingerprint):
         return fingerprint
     return "fp-" + hashlib.sha256(fingerprint.encode()).hexdigest()[:32]
-
-
-def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Create or replace ``path`` with what ``write`` puts in a file object, all or nothing.
-
-    A temp file in the same folder, renamed over ``path``: a crash or a concurrent writer never
-    leaves a half-written file under the final name. Raises ``OSError`` when the disk refuses.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:8]}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class DiskWrites:

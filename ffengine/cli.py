@@ -127,24 +127,10 @@ def cmd_index_info(args: argparse.Namespace) -> int:
 
 
 def search_in_effect(index: Index) -> str:
-    """The backend with its options as the loaded searcher uses them (``pq_subspaces`` counted, 0 = a float
-    scan; ``coarse_dims`` None = no shortlist), and what that means: small catalogues skip the codes or the
-    shortlist whatever the options say."""
-    from ffengine.index import BallTreeSearcher, PQSearcher, ShortlistSearcher
-
-    searcher, options = index.searcher, dict(index.options)
-    if isinstance(searcher, ShortlistSearcher):
-        dims, inner = searcher.coarse.out_dim, searcher.inner
-        codes = inner.index.M if isinstance(inner, PQSearcher) else 0
-        scan = f"{codes} 4-bit codes of" if codes else "a BallTree over" if isinstance(inner, BallTreeSearcher) else "a float scan of"
-        how = f"{searcher.shortlist} candidates from {scan} a {dims}-d PCA copy, re-ranked exactly"
-    else:
-        codes = 0
-        options.update({"coarse_dims": None} if "coarse_dims" in options else {})
-        how = "a BallTree over the vectors" if isinstance(searcher, BallTreeSearcher) else "an exact scan of every vector"
-    if "pq_subspaces" in options:
-        options["pq_subspaces"] = codes
-    return f"backend {index.backend} {', '.join(f'{k}={v}' for k, v in options.items()) or 'no options'}: {how}"
+    """The backend with its options, and what the loaded index does with them: small catalogues are
+    scanned exactly whatever the options say."""
+    options = ", ".join(f"{k}={v}" for k, v in index.options.items()) or "no options"
+    return f"backend {index.backend} {options}: {index.searcher.describe()}"
 
 
 # ---------------------------------------------------------------- recommend

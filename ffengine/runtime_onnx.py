@@ -19,7 +19,6 @@ import hashlib
 import io
 import logging
 import os
-import tempfile
 import threading
 import warnings
 from collections import OrderedDict
@@ -31,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ffengine.files import write_atomic
 from ffengine.runtime_torch import FeatureNet, TorchRunner
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def model_key(net: FeatureNet, input_size: int) -> str:
     """Hash of what the exported graph depends on: tensors, normalisation, size, versions."""
     digest = hashlib.sha256()
     digest.update(f"v{EXPORT_VERSION}|opset{OPSET}|{input_size}|torch{torch.__version__}".encode())
-    for name, tensor in list(net.state_dict().items()) + [("mean", net.mean), ("inv_std", net.inv_std)]:
+    for name, tensor in list(net.state_dict().items()) + [("mean", net.normalise.mean), ("inv_std", net.normalise.inv_std)]:
         array = tensor.detach().to("cpu", torch.float32).contiguous().numpy()
         digest.update(f"{name}{array.shape}".encode())
         digest.update(array.tobytes())
@@ -128,7 +128,7 @@ def _cached_export(net: FeatureNet, input_size: int, key: str, path: Path | None
     if data is not None:
         _memo.move_to_end(key)
         if path is not None and not path.is_file():
-            _write_atomic(path, data)
+            _cache_on_disk(path, data)
         return data, path, False
     if path is not None and path.is_file():
         try:
@@ -139,7 +139,7 @@ def _cached_export(net: FeatureNet, input_size: int, key: str, path: Path | None
     if data is None:
         data = export(net, input_size)
         if path is not None:
-            _write_atomic(path, data)
+            _cache_on_disk(path, data)
     _memo[key] = data
     while len(_memo) > _MEMO_SIZE:
         _memo.popitem(last=False)
@@ -159,19 +159,11 @@ def _safe(label: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in label)[:64] or "model"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write beside the target and rename: readers see the old file or the whole new one."""
+def _cache_on_disk(path: Path, data: bytes) -> None:
+    """Cache the exported model; a read-only home or a full disk only means exporting again next start."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    except OSError as exc:  # read-only home, full disk: run from memory
+        write_atomic(path, data)
+    except OSError as exc:
         log.warning("cannot cache the ONNX model in %s (%s); it will be exported again next start", path.parent, exc)
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ffengine.errors import WeightsError
+from ffengine.files import write_atomic
 from ffengine.prior import LinearHead
 
 SETTING = "FFENGINE_WEIGHTS"
@@ -247,7 +248,6 @@ def save_weights(
     ``meta`` (e.g. ``base=``, ``epochs=``) is stored too but cannot override the preprocessing.
     ``kind_head`` goes into the file as ``kind_head.weight`` / ``kind_head.bias``, its classes into the sidecar.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
     if kind_head is not None:
         state_dict = {
             **state_dict,
@@ -259,12 +259,6 @@ def save_weights(
     torch.save(state_dict, buf)
     data = buf.getvalue()
     sidecar = {**meta, "arch": "mobilenet_v2", **preprocess.to_json(), "sha256": hashlib.sha256(data).hexdigest()}
-    _write_atomic(path, data)
-    _write_atomic(sidecar_path(path), json.dumps(sidecar, indent=2).encode())
+    write_atomic(path, data, durable=True)
+    write_atomic(sidecar_path(path), json.dumps(sidecar, indent=2).encode(), durable=True)
     return path
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)

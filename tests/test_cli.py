@@ -285,7 +285,7 @@ def test_recommend_json_stdout_is_only_json_lines(
 def test_index_info_shows_the_search_in_effect(
     store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Default options name no code size (``pq_subspaces`` None): info says what the loaded index uses."""
+    """Info says what the loaded index does with its options: codes and a shortlist, or an exact scan when small."""
     from ffengine.catalog import Product
     from ffengine.index import PQ_MIN_ROWS, write_index
 
@@ -294,9 +294,9 @@ def test_index_info_shows_the_search_in_effect(
     products = [Product(f"p{i}", f"Product {i}", None, f"/img/{i}.jpg") for i in range(n)]
     write_index(tmp_path / "big", feats, products, fingerprint="random-init", catalog_hash="random")
     code, out, _ = in_process(["index", "info", "big"], tmp_path, monkeypatch, capsys)
-    assert code == 0 and "pq_subspaces=None" not in out and "pq_subspaces=64" in out and "64 4-bit codes of a 128-d PCA copy" in out
+    assert code == 0 and "coarse_dims=128, shortlist=400" in out and "400 candidates from 64 4-bit codes of a 128-d PCA copy" in out
     code, out, _ = in_process(["index", "info", str(store / "idx")], tmp_path, monkeypatch, capsys)
-    assert code == 0 and "pq_subspaces=0" in out and "exact scan" in out  # too few products for codes or a shortlist
+    assert code == 0 and "exact scan" in out  # too few products for codes or a shortlist
 
 
 def test_dotenv_paths_are_relative_to_its_folder(store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

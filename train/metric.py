@@ -3,7 +3,7 @@
 What the log gives: for each search, the query's backbone features and the products shown
 with the shopper's rating of each (👍, 👎 or none). What is learnt: a linear map ``A``
 applied after the current projection, so the new projection is the old one composed
-with ``A`` — still one :class:`~ffengine.index.Projection`, still a BallTree search.
+with ``A`` — still one :class:`~ffengine.index.Projection`, searched as before.
 
 Signals, strongest first:
 
@@ -112,8 +112,8 @@ class MetricOptions:
 
 
 def compose(base: Projection, a: np.ndarray) -> Projection:
-    """``base`` followed by the linear map ``a`` as one projection (exact, output normalisation included)."""
-    return Projection(base.mean, base.matrix @ a.astype(np.float32), base.normalize_input, base.normalize_output)
+    """``base`` followed by the linear map ``a`` as one projection (exact)."""
+    return Projection(base.mean, base.matrix @ a.astype(np.float32), base.normalize_input)
 
 
 @contextmanager
@@ -161,7 +161,7 @@ def _learn_map(
     def sq_dist(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Squared distance of ``x A`` and ``y A`` (rows, broadcasting over leading dims), computed in
         rank-r codes: zA = z + (zU) V^T, so every term is a d-dim product of fixed vectors (no gradient)
-        or an r-dim product of codes. Normalised outputs (cosine) are handled the same way."""
+        or an r-dim product of codes."""
         ux, vx, uy, vy = x @ u, x @ v, y @ u, y @ v
         g = v.T @ v
         with torch.no_grad():
@@ -169,8 +169,6 @@ def _learn_map(
         dot = xy + (ux * vy).sum(-1) + (vx * uy).sum(-1) + ((ux @ g) * uy).sum(-1)
         nx = xx + 2 * (ux * vx).sum(-1) + ((ux @ g) * ux).sum(-1)
         ny = yy + 2 * (uy * vy).sum(-1) + ((uy @ g) * uy).sum(-1)
-        if base.normalize_output:
-            return 2 - 2 * dot / torch.sqrt(nx.clamp_min(1e-12) * ny.clamp_min(1e-12))
         return nx + ny - 2 * dot
 
     for step in range(opts.steps):

@@ -23,6 +23,7 @@ from typing import Any
 from ffengine.config import EngineSettings, env_str
 from ffengine.db import Database, ModelVersion
 from ffengine.errors import ConfigError
+from ffengine.files import write_atomic
 from ffengine.index import MANIFEST_FILE, Index, read_manifest, remove_stale_tmp
 from ffengine.weights import looks_like_path
 from train.errors import TrainingError
@@ -143,10 +144,7 @@ def remove_partial_writes(settings: EngineSettings) -> list[Path]:
 
 def write_metrics(folder: Path, metrics: dict[str, Any]) -> None:
     """``metrics.json`` beside the version's files (atomic), so the folder explains itself."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{METRICS_FILE}.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, folder / METRICS_FILE)
+    write_atomic(folder / METRICS_FILE, json.dumps(metrics, indent=2, sort_keys=True, default=str).encode())
 
 
 def check_loadable(version: ModelVersion) -> None:
