@@ -73,18 +73,13 @@ async def test_record_search_keeps_results_in_rank_order(db: Database, db_path: 
     results = [("shirt-9", 0.05), ("shirt-2", 0.25), ("dress-7", 0.5)]
     record = await search(db, ALICE, results=results)
     assert len(record.recommendation_ids) == 3
-    rows = await db.search_recommendations(record.search_id)
-    assert [(r.rank, r.product_id, r.distance) for r in rows] == [
-        (1, "shirt-9", 0.05),
-        (2, "shirt-2", 0.25),
-        (3, "dress-7", 0.5),
-    ]
-    assert [r.recommendation_id for r in rows] == record.recommendation_ids
-    assert count("users", "id = ?", ALICE) == 1  # created although touch_user was never called
     with sqlite3.connect(db_path) as conn:
-        on_disk = conn.execute("SELECT rank, product_id FROM recommendations ORDER BY rank").fetchall()
-    assert on_disk == [(1, "shirt-9"), (2, "shirt-2"), (3, "dress-7")]
-    assert await db.search_recommendations(record.search_id + 1) == []
+        on_disk = conn.execute(
+            "SELECT id, rank, product_id, distance FROM recommendations WHERE search_id = ? ORDER BY rank",
+            (record.search_id,),
+        ).fetchall()
+    assert on_disk == [(record.recommendation_ids[0], 1, "shirt-9", 0.05), (record.recommendation_ids[1], 2, "shirt-2", 0.25), (record.recommendation_ids[2], 3, "dress-7", 0.5)]
+    assert count("users", "id = ?", ALICE) == 1  # created although touch_user was never called
 
 
 async def test_failed_search_is_logged_without_results(db: Database, count) -> None:

@@ -31,12 +31,20 @@ UPGRADER = (
 )
 
 
-async def start_upgrader(url: str) -> asyncio.subprocess.Process:
-    """A separate process that upgrades ``url`` when told "go" on stdin."""
+async def upgrade_together(url: str, processes: int = 3) -> None:
+    """Separate processes that upgrade ``url``, released at the same moment once all are ready."""
     pipe = asyncio.subprocess.PIPE
-    return await asyncio.create_subprocess_exec(
-        sys.executable, "-c", UPGRADER, url, stdin=pipe, stdout=pipe, stderr=pipe
-    )
+    procs = [
+        await asyncio.create_subprocess_exec(sys.executable, "-c", UPGRADER, url, stdin=pipe, stdout=pipe, stderr=pipe)
+        for _ in range(processes)
+    ]
+    for proc in procs:  # all imported and waiting: release them together
+        assert await asyncio.wait_for(proc.stdout.readline(), 120) == b"ready\n"  # type: ignore[union-attr]
+    for proc in procs:
+        proc.stdin.write(b"go\n")  # type: ignore[union-attr]
+    for proc in procs:
+        _, err = await asyncio.wait_for(proc.communicate(), 120)
+        assert proc.returncode == 0, err.decode()[-2000:]
 
 
 @pytest.fixture
@@ -199,14 +207,7 @@ async def test_concurrent_activations_leave_exactly_one_active(db: Database, url
 async def test_processes_starting_together_build_the_schema_once(url: str, db_path: Path) -> None:
     """Bot and trainer opening an empty database at the same moment (separate processes,
     then several Database objects in one process)."""
-    procs = [await start_upgrader(url) for _ in range(3)]
-    for proc in procs:  # all imported and waiting: release them together
-        assert await asyncio.wait_for(proc.stdout.readline(), 120) == b"ready\n"  # type: ignore[union-attr]
-    for proc in procs:
-        proc.stdin.write(b"go\n")  # type: ignore[union-attr]
-    for proc in procs:
-        _, err = await asyncio.wait_for(proc.communicate(), 120)
-        assert proc.returncode == 0, err.decode()[-2000:]
+    await upgrade_together(url)
     opened = await asyncio.gather(*(Database.open(url) for _ in range(4)))
     try:
         await asyncio.gather(*(d.touch_user(i + 1, None) for i, d in enumerate(opened)))

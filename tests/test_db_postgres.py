@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 from collections.abc import AsyncIterator
 
 import numpy as np
@@ -23,9 +22,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from ffengine.db import Database, FeedbackRefused, TrainingBusy, upgrade_to_head
-from ffengine.db.migrate import alembic_config, current_revision, head_revision
+from ffengine.db.migrate import alembic_config, engine_revision, head_revision
 from ffengine.db.models import Base
 from tests.pg_cluster import fresh_database
+from tests.test_db_concurrency import upgrade_together
+from tests.test_db_products import upsert_after_a_stale_comparison
 
 ADMIN_URL = os.environ.get("FF_TEST_POSTGRES_URL", "")
 pytestmark = pytest.mark.skipif(
@@ -33,20 +34,6 @@ pytestmark = pytest.mark.skipif(
 )
 if ADMIN_URL and make_url(ADMIN_URL).host not in ("127.0.0.1", "localhost", "::1", None):
     raise RuntimeError("FF_TEST_POSTGRES_URL must point at this machine (loopback only)")
-
-
-UPGRADER = (
-    "import sys; from ffengine.db import upgrade_to_head; "
-    "print('ready', flush=True); sys.stdin.readline(); upgrade_to_head(sys.argv[1])"
-)
-
-
-async def start_upgrader(url: str) -> asyncio.subprocess.Process:
-    """A separate process that upgrades ``url`` when told "go" on stdin."""
-    pipe = asyncio.subprocess.PIPE
-    return await asyncio.create_subprocess_exec(
-        sys.executable, "-c", UPGRADER, url, stdin=pipe, stdout=pipe, stderr=pipe
-    )
 
 
 @pytest.fixture
@@ -77,7 +64,7 @@ async def scalar(engine: AsyncEngine, sql: str) -> object:
 
 async def test_migrations_up_down_up_and_models_match(pg_url: str, probe: AsyncEngine) -> None:
     await asyncio.to_thread(upgrade_to_head, pg_url)
-    assert await asyncio.to_thread(current_revision, pg_url) == head_revision()
+    assert await engine_revision(probe) == head_revision()
 
     def diff(conn) -> list:
         ctx = MigrationContext.configure(conn, opts={"compare_type": True, "target_metadata": Base.metadata})
@@ -94,14 +81,7 @@ async def test_migrations_up_down_up_and_models_match(pg_url: str, probe: AsyncE
 
 
 async def test_processes_starting_together_build_the_schema_once(pg_url: str, probe: AsyncEngine) -> None:
-    procs = [await start_upgrader(pg_url) for _ in range(3)]
-    for proc in procs:  # all imported and waiting: release them together
-        assert await asyncio.wait_for(proc.stdout.readline(), 120) == b"ready\n"  # type: ignore[union-attr]
-    for proc in procs:
-        proc.stdin.write(b"go\n")  # type: ignore[union-attr]
-    for proc in procs:
-        _, err = await asyncio.wait_for(proc.communicate(), 120)
-        assert proc.returncode == 0, err.decode()[-2000:]
+    await upgrade_together(pg_url)
     assert await scalar(probe, "SELECT count(*) FROM alembic_version") == 1
     opened = await asyncio.gather(*(Database.open(pg_url) for _ in range(3)))  # and in one process
     await asyncio.gather(*(d.close() for d in opened))
@@ -162,6 +142,10 @@ async def test_products_on_postgres(pg_url: str, db: Database) -> None:
     assert await db.set_photo_file_id("p3", "AgAC")
     assert (await db.upsert_products(items)).unchanged == 700
     assert await db.get_photo_file_ids(["p3", "p4"]) == {"p3": "AgAC"}
+
+
+async def test_the_upsert_statement_on_postgres(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    await upsert_after_a_stale_comparison(db, monkeypatch)
 
 
 async def test_concurrent_writers_and_double_presses(pg_url: str, db: Database, probe: AsyncEngine) -> None:

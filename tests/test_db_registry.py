@@ -71,14 +71,6 @@ async def test_the_database_refuses_two_active_versions(db: Database) -> None:
             await conn.exec_driver_sql("UPDATE model_versions SET is_active = 1 WHERE name = 'b'")
 
 
-async def test_update_metrics_merges(db: Database) -> None:
-    v = await db.create_model_version("v", "IMAGENET1K_V2", "i", metrics={"p@5": 0.5, "n": 100})
-    updated = await db.update_model_metrics(v.id, {"p@5": 0.55, "like_rate": 0.7})
-    assert updated.metrics == {"p@5": 0.55, "n": 100, "like_rate": 0.7}
-    with pytest.raises(NotFound):
-        await db.update_model_metrics("missing", {"x": 1})
-
-
 async def test_searches_name_the_version_that_answered(db: Database) -> None:
     v = await db.create_model_version("v", "IMAGENET1K_V2", "i", activate=True)
     rec = await db.record_search(1, None, np.zeros(1280, np.float32), v.id, 5.0, "ok", [("p", 0.0)])
@@ -99,8 +91,8 @@ async def test_training_run_lifecycle(db: Database) -> None:
     assert busy.value.run_id == run_id and str(run_id) in str(busy.value)
     await db.update_training_run(run_id, progress=0.5, log_line="epoch 1/3 loss 0.41")
     await db.update_training_run(run_id, log_line="epoch 2/3 loss 0.33\n")
-    running = await db.get_training_run(run_id)
-    assert running is not None and running.status == "running" and running.progress == 0.5
+    [running] = await db.list_training_runs(1)
+    assert (running.id, running.status, running.progress) == (run_id, "running", 0.5)
     assert running.log == "epoch 1/3 loss 0.41\nepoch 2/3 loss 0.33\n"
     assert running.params == {"epochs": 3, "lr": 1e-3}
 
@@ -125,7 +117,7 @@ async def test_a_run_keeps_where_its_progress_is_watched(db: Database) -> None:
     closed = await db.finish_training_run(watched, "failed")
     assert closed.progress_message == {"chat_id": 42, "message_id": 7}
     unwatched = await db.start_training_run("feedback", {})
-    assert (await db.get_training_run(unwatched)).progress_message is None  # type: ignore[union-attr]
+    assert [(r.id, r.progress_message) for r in await db.list_training_runs(1)] == [(unwatched, None)]
 
 
 async def test_training_run_input_is_checked(db: Database) -> None:
@@ -138,7 +130,7 @@ async def test_training_run_input_is_checked(db: Database) -> None:
         await db.update_training_run(run_id + 1, progress=0.1)
     with pytest.raises(NotFound):
         await db.finish_training_run(run_id, "succeeded", model_version_id=77)
-    assert (await db.get_training_run(run_id)).status == "running"  # type: ignore[union-attr]
+    assert (await db.list_training_runs(1))[0].status == "running"
 
 
 async def test_training_log_keeps_its_newest_part(db: Database) -> None:
@@ -146,7 +138,7 @@ async def test_training_log_keeps_its_newest_part(db: Database) -> None:
     line = "x" * 999
     for i in range(LOG_MAX_CHARS // 1000 + 20):
         await db.update_training_run(run_id, log_line=f"{i:04d} {line}")
-    log = (await db.get_training_run(run_id)).log  # type: ignore[union-attr]
+    log = (await db.list_training_runs(1))[0].log
     assert len(log) <= LOG_MAX_CHARS + 2
     assert log.startswith("…\n") and log.endswith(f"{LOG_MAX_CHARS // 1000 + 19:04d} {line}\n")
 

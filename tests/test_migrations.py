@@ -15,7 +15,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine
 
 from ffengine.db import Database, StorageError, upgrade_to_head
-from ffengine.db.migrate import alembic_config, current_revision, head_revision, script_location
+from ffengine.db.migrate import alembic_config, head_revision, script_location
 from ffengine.db.models import Base
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,6 +32,18 @@ def tables(path: Path) -> set[str]:
     return {name for (name,) in rows} - {"alembic_version", "sqlite_sequence"}
 
 
+def current_revision(path: Path) -> str | None:
+    """The revision the database file is at; ``None`` when it has no schema (or no file) yet."""
+    if not path.exists():
+        return None
+    engine = create_engine(f"sqlite:///{path}")
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    finally:
+        engine.dispose()
+
+
 def schema_diff(path: Path) -> list:
     """What autogenerate would change to make the database match the models."""
     engine = create_engine(f"sqlite:///{path}")
@@ -45,12 +57,12 @@ def schema_diff(path: Path) -> list:
 
 def test_upgrade_from_empty_creates_the_schema_at_head(tmp_path: Path) -> None:
     path = tmp_path / "nested" / "dir" / "ff.db"  # the data directory does not exist yet
-    assert current_revision(sqlite_url(path)) is None
+    assert current_revision(path) is None
     upgrade_to_head(sqlite_url(path))
     assert tables(path) == TABLES
-    assert current_revision(sqlite_url(path)) == head_revision()
+    assert current_revision(path) == head_revision()
     upgrade_to_head(sqlite_url(path))  # idempotent
-    assert current_revision(sqlite_url(path)) == head_revision()
+    assert current_revision(path) == head_revision()
 
 
 def test_models_match_the_migrations(tmp_path: Path) -> None:
@@ -75,7 +87,7 @@ def test_downgrade_to_base_and_back_up(tmp_path: Path) -> None:
     command.upgrade(cfg, "head")
     command.downgrade(cfg, "base")
     assert tables(path) == set()
-    assert current_revision(sqlite_url(path)) is None
+    assert current_revision(path) is None
     command.upgrade(cfg, "head")
     assert tables(path) == TABLES
     assert schema_diff(path) == []
@@ -94,7 +106,7 @@ def test_each_step_down_keeps_the_data_and_comes_back_up(tmp_path: Path) -> None
         indexes = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert "uq_training_runs_one_running" in indexes
     command.upgrade(cfg, "head")
-    assert current_revision(sqlite_url(path)) == head_revision()
+    assert current_revision(path) == head_revision()
     assert schema_diff(path) == []
 
 

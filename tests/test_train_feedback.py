@@ -364,7 +364,7 @@ async def test_start_up_closes_a_killed_run_and_removes_its_half_written_index(s
 
     with training_lock(settings.data_dir, "feedback"):  # a live run elsewhere: nothing is touched
         assert await recover_interrupted(db, settings) == []
-    assert half.is_dir() and (await db.get_training_run(killed)).status == "running"  # type: ignore[union-attr]
+    assert half.is_dir() and (await db.list_training_runs(1))[0].status == "running"
 
     [closed] = await recover_interrupted(db, settings)
     assert (closed.id, closed.status, closed.progress) == (killed, "failed", 0.9)
@@ -392,7 +392,7 @@ async def test_rollback_switches_back_and_refuses_broken_versions(sdb: Database,
 
     with pytest.raises(TrainingError, match="no model version 'nope'"):
         await rollback(db, "nope")
-    (settings.index_dir / "vectors.npy").write_bytes(b"broken")
+    (settings.index_dir / "features.npy").write_bytes(b"broken")
     with pytest.raises(IndexLoadError, match="corrupt"):
         await rollback(db, "base")
     assert (await db.active_model_version()).name == result.version  # type: ignore[union-attr]

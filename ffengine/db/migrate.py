@@ -19,11 +19,10 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import pool
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ffengine.db.engine import WRITE_OPTION, async_url, make_engine
+from ffengine.db.engine import WRITE_OPTION, async_url
 from ffengine.errors import ConfigError
 
 T = TypeVar("T")
@@ -77,20 +76,6 @@ def upgrade_to_head(url: str) -> None:
     _run_blocking(upgrade)
 
 
-def current_revision(url: str) -> str | None:
-    """The revision the database at ``url`` is at; ``None`` when it has no schema yet."""
-
-    async def read() -> str | None:
-        engine = make_engine(url, poolclass=pool.NullPool)
-        try:
-            async with engine.connect() as conn:
-                return await conn.run_sync(revision_of)
-        finally:
-            await engine.dispose()
-
-    return _run_blocking(lambda: asyncio.run(read()))
-
-
 def revision_of(connection: Connection) -> str | None:
     return MigrationContext.configure(connection).get_current_revision()
 
@@ -123,7 +108,7 @@ async def engine_revision(engine: AsyncEngine) -> str | None:
 
 def _run_blocking(fn: Callable[[], T]) -> T:
     """Run ``fn`` here, or in a fresh thread when this thread already runs an event loop
-    (Alembic's env.py and :func:`current_revision` call ``asyncio.run``)."""
+    (Alembic's env.py calls ``asyncio.run``)."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:

@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, Protocol
 
-from sqlalchemy import func, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import JSON, Text, case, cast, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ffengine.db import models as m
-from ffengine.db.engine import is_unique_violation
 from ffengine.db.records import UpsertResult
-from ffengine.db.store import Store, check_finite, check_text, to_json
-
-log = logging.getLogger(__name__)
+from ffengine.db.store import Store, check_finite, check_text, dialect_insert, to_json
 
 UPSERT_CHUNK = 500
-PLAN_ATTEMPTS = 3
 PRODUCT_FIELDS = ("title", "url", "image", "category", "colour", "gender", "price", "currency", "extra")
 
 
@@ -38,16 +30,6 @@ class ProductLike(Protocol):
     price: float | None
     currency: str | None
     extra: Any
-
-
-@dataclass
-class UpsertPlan:
-    """What an import changes, worked out in a read transaction."""
-
-    new: list[dict[str, Any]] = field(default_factory=list)
-    changed: list[dict[str, Any]] = field(default_factory=list)  # same image: file_id kept
-    new_image: list[dict[str, Any]] = field(default_factory=list)  # image changed: file_id dropped
-    unchanged: int = 0
 
 
 def product_row(product: ProductLike) -> dict[str, Any]:
@@ -69,55 +51,70 @@ def product_row(product: ProductLike) -> dict[str, Any]:
     }
 
 
-async def plan_upsert(session: AsyncSession, batch: list[dict[str, Any]]) -> UpsertPlan:
-    plan = UpsertPlan()
-    now = m.utcnow()
-    # Ids first (one index scan): a first import then never looks rows up one chunk at a
-    # time, which PostgreSQL plans badly while the table's statistics still say "empty".
-    known = set(await session.scalars(select(m.Product.id)))
-    columns = [getattr(m.Product, f) for f in PRODUCT_FIELDS]
-    for start in range(0, len(batch), UPSERT_CHUNK):
-        chunk = batch[start : start + UPSERT_CHUNK]
-        ids = [r["id"] for r in chunk if r["id"] in known]
-        old: dict[str, dict[str, Any]] = {}
-        if ids:
-            found = await session.execute(select(m.Product.id, *columns).where(m.Product.id.in_(ids)))
-            old = {pid: dict(zip(PRODUCT_FIELDS, values, strict=True)) for pid, *values in found}
-        for row in chunk:
-            before = old.get(row["id"])
-            if before is None:
-                plan.new.append({**row, "created_at": now, "updated_at": now})
-            elif all(before[f] == row[f] for f in PRODUCT_FIELDS):
-                plan.unchanged += 1
-            elif before["image"] == row["image"]:
-                plan.changed.append({**row, "updated_at": now})
-            else:  # a new photo: the uploaded one is stale, upload again next time
-                plan.new_image.append({**row, "photo_file_id": None, "updated_at": now})
+def chunks(rows: Sequence[Any]) -> Iterable[Sequence[Any]]:
+    return (rows[start : start + UPSERT_CHUNK] for start in range(0, len(rows), UPSERT_CHUNK))
+
+
+async def differing(session: AsyncSession, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of ``batch`` that are not stored as they are (new or changed).
+
+    One scan of the table, read in chunks that each yield to the event loop, not a lookup
+    per chunk: PostgreSQL plans those badly while its statistics still say "empty" (a first import).
+    """
+    rows = {row["id"]: row for row in batch}
+    found = await session.stream(select(m.Product.id, *(getattr(m.Product, f) for f in PRODUCT_FIELDS)))
+    async for part in found.partitions(UPSERT_CHUNK):
+        for pid, *stored in part:
+            if pid in rows and stored == [rows[pid][f] for f in PRODUCT_FIELDS]:
+                del rows[pid]
         await asyncio.sleep(0)
-    return plan
+    return list(rows.values())
 
 
-async def apply_upsert(session: AsyncSession, plan: UpsertPlan) -> None:
-    for rows, statement in (
-        (plan.new, insert(m.Product)),
-        (plan.changed, update(m.Product)),
-        (plan.new_image, update(m.Product)),
-    ):
-        for start in range(0, len(rows), UPSERT_CHUNK):  # updates are bulk UPDATEs by primary key
-            await session.execute(statement, rows[start : start + UPSERT_CHUNK])
-            await asyncio.sleep(0)
+def comparable(column: Any) -> Any:
+    """``column`` as it can be compared: PostgreSQL's ``json`` type has no ``=``, its text has."""
+    return cast(column, Text) if isinstance(column.type, JSON) else column
+
+
+async def write_upsert(session: AsyncSession, rows: list[dict[str, Any]]) -> tuple[int, int]:
+    """``INSERT … ON CONFLICT (id) DO UPDATE`` per chunk; (inserted, updated).
+
+    A row is rewritten only when a field differs (a concurrent importer may have written it
+    as it is since :func:`differing` looked), which sets ``updated_at``; its ``photo_file_id``
+    is kept unless the image changed (the uploaded photo is stale: upload again next time).
+    """
+    now = m.utcnow()
+    table = m.Product.__table__.c
+    insert = dialect_insert(session)(m.Product.__table__)
+    new = insert.excluded
+    upsert = insert.on_conflict_do_update(
+        index_elements=[table.id],
+        set_={
+            **{f: new[f] for f in PRODUCT_FIELDS},
+            "updated_at": new.updated_at,
+            "photo_file_id": case((table.image == new.image, table.photo_file_id), else_=None),
+        },
+        where=or_(*(comparable(table[f]).is_distinct_from(comparable(new[f])) for f in PRODUCT_FIELDS)),
+    ).returning(table.created_at)
+    inserted = updated = 0
+    for chunk in chunks(rows):  # each one INSERT … VALUES (…), (…) (SQLAlchemy's "insertmanyvalues")
+        written = list(await session.scalars(upsert, [{**row, "created_at": now, "updated_at": now} for row in chunk]))
+        inserted += sum(created == now for created in written)  # unchanged rows are not returned
+        updated += sum(created != now for created in written)
+        await asyncio.sleep(0)
+    return inserted, updated
 
 
 class ProductStore(Store):
     async def upsert_products(self, products: Iterable[ProductLike]) -> UpsertResult:
         """Insert new products and update changed ones (matched by id).
 
-        Compared in a read transaction, then written in one short write transaction (none
-        when nothing changed, as on most restarts), yielding to the event loop between
-        chunks, so a big catalogue neither stalls the bot nor holds SQLite's write lock for
-        long. A product whose image changed loses its Telegram ``file_id`` (the old photo
-        is stale). Products missing from ``products`` are left alone: logged searches may
-        still name them. A bad product raises ``ValueError`` naming it; nothing is written.
+        Compared in a read transaction, then the new and changed rows are written in one short
+        write transaction (none when nothing changed, as on most restarts), yielding to the
+        event loop between chunks, so a big catalogue neither stalls the bot nor holds SQLite's
+        write lock for long. A product whose image changed loses its Telegram ``file_id`` (the
+        old photo is stale). Products missing from ``products`` are left alone: logged searches
+        may still name them. A bad product raises ``ValueError`` naming it; nothing is written.
         """
         rows: dict[str, dict[str, Any]] = {}
         for n, product in enumerate(products, start=1):
@@ -126,24 +123,9 @@ class ProductStore(Store):
             if n % UPSERT_CHUNK == 0:
                 await asyncio.sleep(0)
         batch = list(rows.values())
-        for attempt in range(1, PLAN_ATTEMPTS + 1):
-            plan = await self._read(lambda session: plan_upsert(session, batch))
-            if plan.new or plan.changed or plan.new_image:
-                try:
-                    await self._write(partial(apply_upsert, plan=plan))
-                except IntegrityError as err:  # another importer inserted some of these ids: compare again
-                    if attempt == PLAN_ATTEMPTS or not is_unique_violation(err):
-                        raise
-                    log.info("another import added some of these products; comparing again")
-                    continue
-            return UpsertResult(len(plan.new), len(plan.changed) + len(plan.new_image), plan.unchanged)
-        raise AssertionError("unreachable")
-
-    async def product_count(self) -> int:
-        async def read(session: AsyncSession) -> int:
-            return await session.scalar(select(func.count()).select_from(m.Product)) or 0
-
-        return await self._read(read)
+        todo = await self._read(lambda session: differing(session, batch))
+        inserted, updated = await self._write(lambda session: write_upsert(session, todo)) if todo else (0, 0)
+        return UpsertResult(inserted, updated, len(batch) - inserted - updated)
 
     async def get_photo_file_ids(self, product_ids: Sequence[str]) -> dict[str, str]:
         """Known Telegram ``file_id``s for these products (products without one are absent)."""
@@ -151,19 +133,14 @@ class ProductStore(Store):
 
         async def read(session: AsyncSession) -> dict[str, str]:
             found: dict[str, str] = {}
-            for start in range(0, len(ids), UPSERT_CHUNK):
+            for chunk in chunks(ids):
                 rows = await session.execute(
-                    select(m.Product.id, m.Product.photo_file_id).where(
-                        m.Product.id.in_(ids[start : start + UPSERT_CHUNK]), m.Product.photo_file_id.is_not(None)
-                    )
+                    select(m.Product.id, m.Product.photo_file_id).where(m.Product.id.in_(chunk), m.Product.photo_file_id.is_not(None))
                 )
                 found.update({pid: file_id for pid, file_id in rows if file_id})
             return found
 
         return await self._read(read)
-
-    async def get_photo_file_id(self, product_id: str) -> str | None:
-        return (await self.get_photo_file_ids([product_id])).get(product_id)
 
     async def set_photo_file_id(self, product_id: str, file_id: str) -> bool:
         """Remember the photo's Telegram ``file_id`` so it is never uploaded twice.

@@ -75,15 +75,6 @@ class RatingResult:
 
 
 @dataclass(frozen=True)
-class RecommendationRow:
-    recommendation_id: int
-    search_id: int
-    rank: int
-    product_id: str
-    distance: float
-
-
-@dataclass(frozen=True)
 class LikeRate:
     rate: float  # likes / ratings
     ratings: int

@@ -9,35 +9,23 @@ statement in the dialect's own syntax (SQLite and PostgreSQL both have ``ON CONF
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any
 
 from sqlalchemy import delete, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ffengine.db import models as m
 from ffengine.db.records import ReplicaRecord, UpdateClaim
-from ffengine.db.store import BIGINT_MAX, Store, check_id, check_text
+from ffengine.db.store import BIGINT_MAX, Store, check_id, check_text, dialect_insert, to_record
 
 #: Claims and heartbeats older than this are deleted (Telegram gives up re-delivering long before).
 KEEP_FOR = timedelta(days=1)
-
-
-def dialect_insert(session: AsyncSession) -> Callable[[Any], Any]:
-    """The ``insert`` with ``on_conflict_do_*`` of the session's database."""
-    return postgresql.insert if session.bind.dialect.name == "postgresql" else sqlite.insert
 
 
 def check_update_id(update_id: int) -> int:
     if not 0 <= check_id(update_id, "update_id") <= BIGINT_MAX:
         raise ValueError(f"update_id must be a non-negative 64-bit integer, got {update_id}")
     return update_id
-
-
-def replica_record(row: m.Replica, version: str | None) -> ReplicaRecord:
-    return ReplicaRecord(row.name, row.started_at, row.last_seen, row.model_version_id, version)
 
 
 class ReplicaStore(Store):
@@ -68,7 +56,7 @@ class ReplicaStore(Store):
             if seen_within is not None:
                 query = query.where(m.Replica.last_seen >= m.utcnow() - seen_within)
             rows = await session.execute(query.order_by(m.Replica.name))
-            return [replica_record(row, version) for row, version in rows]
+            return [to_record(ReplicaRecord, row, model_version=version) for row, version in rows]
 
         return await self._read(read)
 

@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from ffengine.db import models as m
 from ffengine.db.errors import FeedbackRefused, NotFound
 from ffengine.db.presses import ItemLike, add_origin, check_origin, implied_likes, item_rows, owned_recommendation
-from ffengine.db.records import FeedbackItem, FeedbackSearch, Origin, RatingResult, RecommendationRow, SearchRecord
+from ffengine.db.records import FeedbackItem, FeedbackSearch, Origin, RatingResult, SearchRecord
 from ffengine.db.store import Store, check_finite, check_id, check_text, check_user_id
 from ffengine.db.users import ensure_user
 
@@ -105,7 +105,7 @@ class SearchLog(Store):
             await session.flush()
             return SearchRecord(search.id, [r.id for r in recommendations])
 
-        return await self._write(write, retry_on_conflict=True)
+        return await self._write(write)
 
     async def rate(self, user_id: int, recommendation_id: int, value: int) -> RatingResult:
         """Record 👍 (+1) or 👎 (-1) on a recommendation the user was shown.
@@ -153,18 +153,6 @@ class SearchLog(Store):
                 .where(m.Recommendation.search_id == search_id, m.Feedback.user_id == user_id)
             )
             return {rec_id: value for rec_id, value in rows}
-
-        return await self._read(read)
-
-    async def search_recommendations(self, search_id: int) -> list[RecommendationRow]:
-        """What a search showed, in rank order (empty for an unknown search)."""
-        check_id(search_id, "search_id")
-
-        async def read(session: AsyncSession) -> list[RecommendationRow]:
-            rows = await session.scalars(
-                select(m.Recommendation).where(m.Recommendation.search_id == search_id).order_by(m.Recommendation.rank)
-            )
-            return [RecommendationRow(r.id, r.search_id, r.rank, r.product_id, r.distance) for r in rows]
 
         return await self._read(read)
 

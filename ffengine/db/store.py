@@ -19,8 +19,10 @@ import math
 import random
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import fields
 from typing import Any, TypeVar
 
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -90,6 +92,16 @@ class Store:
                     raise
                 log.warning("database connection lost (%s); retrying on a new one", err)
         raise AssertionError("unreachable")
+
+
+def to_record(cls: type[T], row: Any, **given: Any) -> T:
+    """A record (:mod:`ffengine.db.records`) of an ORM row: each field not ``given`` is the row's attribute of that name."""
+    return cls(**{f.name: getattr(row, f.name) for f in fields(cls) if f.name not in given}, **given)
+
+
+def dialect_insert(session: AsyncSession) -> Callable[[Any], Any]:
+    """The ``insert`` with ``on_conflict_do_*`` of the session's database (SQLite and PostgreSQL have it)."""
+    return postgresql.insert if session.bind.dialect.name == "postgresql" else sqlite.insert
 
 
 @contextmanager

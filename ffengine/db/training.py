@@ -16,26 +16,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from ffengine.db import models as m
 from ffengine.db.errors import NotFound, StorageError, TrainingBusy
 from ffengine.db.records import TrainingRun
-from ffengine.db.store import Store, check_finite, check_id, check_text, to_json
+from ffengine.db.store import Store, check_finite, check_id, check_text, to_json, to_record
 
 LOG_MAX_CHARS = 64_000  # the log keeps its newest part
 FINISHED_STATUSES = tuple(s for s in m.TRAINING_STATUSES if s != "running")
-
-
-def run_record(row: m.TrainingRun) -> TrainingRun:
-    return TrainingRun(
-        id=row.id,
-        kind=row.kind,
-        params=row.params,
-        status=row.status,
-        progress=row.progress,
-        log=row.log,
-        started_at=row.started_at,
-        finished_at=row.finished_at,
-        model_version_id=row.model_version_id,
-        metrics=row.metrics,
-        progress_message=row.progress_message,
-    )
 
 
 def append_log(log: str, line: str) -> str:
@@ -135,16 +119,9 @@ class TrainingLog(Store):
             if metrics_json is not None:
                 row.metrics = metrics_json
             await session.flush()
-            return run_record(row)
+            return to_record(TrainingRun, row)
 
         return await self._write(write)
-
-    async def get_training_run(self, run_id: int) -> TrainingRun | None:
-        async def read(session: AsyncSession) -> TrainingRun | None:
-            row = await session.get(m.TrainingRun, check_id(run_id, "run_id"))
-            return run_record(row) if row else None
-
-        return await self._read(read)
 
     async def list_training_runs(self, limit: int = 20) -> list[TrainingRun]:
         """Newest first."""
@@ -153,6 +130,6 @@ class TrainingLog(Store):
 
         async def read(session: AsyncSession) -> list[TrainingRun]:
             rows = await session.scalars(select(m.TrainingRun).order_by(m.TrainingRun.id.desc()).limit(limit))
-            return [run_record(r) for r in rows]
+            return [to_record(TrainingRun, r) for r in rows]
 
         return await self._read(read)

@@ -7,23 +7,15 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from ffengine.db import models as m
 from ffengine.db.records import UserSummary
-from ffengine.db.store import Store, check_text, check_user_id
+from ffengine.db.store import Store, check_text, check_user_id, dialect_insert
 
 
 async def ensure_user(session: AsyncSession, user_id: int, language: str | None = None) -> None:
-    """Create the user row or refresh ``last_seen`` (and ``language`` when given).
-
-    Select-then-insert; the primary key catches a concurrent insert (callers retry).
-    """
-    user = await session.get(m.User, user_id)
+    """Create the user row or refresh ``last_seen`` (and ``language`` when given): one upsert."""
     now = m.utcnow()
-    if user is None:
-        session.add(m.User(id=user_id, language=language, first_seen=now, last_seen=now))
-    else:
-        user.last_seen = now
-        if language is not None:
-            user.language = language
-    await session.flush()
+    insert = dialect_insert(session)(m.User).values(id=user_id, language=language, first_seen=now, last_seen=now)
+    refresh = {"last_seen": now} if language is None else {"last_seen": now, "language": language}
+    await session.execute(insert.on_conflict_do_update(index_elements=[m.User.id], set_=refresh))
 
 
 class UserStore(Store):
@@ -35,7 +27,7 @@ class UserStore(Store):
         async def write(session: AsyncSession) -> None:
             await ensure_user(session, user_id, language)
 
-        await self._write(write, retry_on_conflict=True)
+        await self._write(write)
 
     async def forget_user(self, user_id: int) -> int:
         """Erase the user's searches (with the items seen in their photos and the buttons they

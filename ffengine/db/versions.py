@@ -12,22 +12,11 @@ from ffengine.db import models as m
 from ffengine.db.coordination import ACTIVE_VERSION_CHANNEL
 from ffengine.db.errors import NotFound, StorageError
 from ffengine.db.records import ModelVersion
-from ffengine.db.store import BIGINT_MAX, Store, check_id, check_text, to_json
+from ffengine.db.store import BIGINT_MAX, Store, check_id, check_text, to_json, to_record
 
 
 def version_record(row: m.ModelVersion) -> ModelVersion:
-    return ModelVersion(
-        id=row.id,
-        name=row.name,
-        parent_id=row.parent_id,
-        created_at=row.created_at,
-        weights=row.weights,
-        index_dir=row.index_dir,
-        metrics=row.metrics,
-        notes=row.notes,
-        active=row.is_active,
-        activated_at=row.activated_at,
-    )
+    return to_record(ModelVersion, row, active=row.is_active)
 
 
 async def find_version(session: AsyncSession, id_or_name: int | str) -> m.ModelVersion | None:
@@ -142,17 +131,3 @@ class ModelRegistry(Store):
             return [version_record(r) for r in rows]
 
         return await self._read(read)
-
-    async def update_model_metrics(self, version_id_or_name: int | str, metrics: dict[str, Any]) -> ModelVersion:
-        """Merge ``metrics`` into the version's metrics (new keys win, others are kept)."""
-        metrics_json = to_json(metrics, "metrics")
-        if not isinstance(metrics_json, dict):
-            raise ValueError("metrics must be a dict")
-
-        async def write(session: AsyncSession) -> ModelVersion:
-            row = await require_version(session, version_id_or_name)
-            row.metrics = {**(row.metrics or {}), **metrics_json}
-            await session.flush()
-            return version_record(row)
-
-        return await self._write(write)
