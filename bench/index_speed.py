@@ -12,8 +12,8 @@ Queries are the consumer photos of ``validation/`` and ``test/`` (real user-styl
 
 For every (size, configuration): build seconds and peak traced memory of building the index,
 resident size of its arrays (features, vectors, codes), single-query latency p50/p95 of ``Index.search``
-with one BLAS thread (as a bot worker runs it), recall@5 against exact search in the same vector
-space (what the backend loses) and overlap@5 with the study's neighbours (exact, raw 1280-d: what
+with one BLAS thread (as a bot worker runs it), recall@5 against exact float32 search in the same vector
+space (what the backend loses, float16 re-ranking included) and overlap@5 with the study's neighbours (exact, raw 1280-d: what
 the reduction changes). Both compare distances, not row ids, so that a tie between identical
 catalogue pictures counts as a hit whichever row is returned. The study's BallTree (scikit-learn)
 is built here (:class:`BallTreeIndex`): a baseline, not a backend. For the shipped default also:
@@ -212,8 +212,10 @@ def measure(cfg: Config, feats: np.ndarray, products: list[Product], queries: np
         lat, cpu, rows = time_queries(lambda q: index.search(q, 5)[1][0], queries, budget)
     n = len(rows)
     projected = index.projection.apply(queries[:n])
-    same_space = exact_distances(index.vectors, projected, 5)
-    found_same = true_distances(index.vectors, projected, rows)
+    vectors = index.projection.apply(feats)  # float32: the reference, whatever precision the index keeps its copy in
+    same_space = exact_distances(vectors, projected, 5)
+    found_same = true_distances(vectors, projected, rows)
+    del vectors
     found_study = true_distances(feats, queries[:n], rows)
     out = {
         "config": cfg.name,

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+#: Rows projected at a time from features stored in another type (float16): float32 copies stay small.
+APPLY_CHUNK_ROWS = 32_768
 #: Rows used to fit a PCA (a random subset beyond this: the covariance barely changes, the fit gets slow).
 PCA_FIT_ROWS = 20_000
 
@@ -28,6 +30,21 @@ def as_features(feats: np.ndarray, dim: int, what: str = "features") -> np.ndarr
     if arr.ndim != 2 or arr.shape[1] != dim:
         raise ValueError(f"{what} must have shape (m, {dim}), got {np.shape(feats)}")
     return arr
+
+
+#: Most a row may move, relative to its length, when stored in float16 (whose rounding is 2**-11).
+FLOAT16_TOLERANCE = 1e-3
+
+
+def fits_float16(x: np.ndarray, chunk: int = 32_768) -> bool:
+    """Whether float16 holds every row of ``x`` within :data:`FLOAT16_TOLERANCE` of its length: not so
+    for values beyond +-65504, or rows so short that float16 rounds them to nothing."""
+    for start in range(0, len(x), chunk):  # float32 temporaries of a chunk at a time
+        rows = np.asarray(x[start : start + chunk], dtype=np.float32)
+        moved = np.linalg.norm(rows.astype(np.float16).astype(np.float32) - rows, axis=1)
+        if not (moved <= FLOAT16_TOLERANCE * np.linalg.norm(rows, axis=1)).all():
+            return False
+    return True
 
 
 def sample_rows(x: np.ndarray, rows: int, seed: int = 0) -> np.ndarray:
@@ -73,7 +90,13 @@ class Projection:
         return bool(self._identity)  # type: ignore[attr-defined]
 
     def apply(self, feats: np.ndarray) -> np.ndarray:
-        """``(n, D)`` backbone features -> ``(n, d)`` C-contiguous float32 search vectors."""
+        """``(n, D)`` backbone features (float32, or float16 as an index stores them) -> ``(n, d)``
+        C-contiguous float32 search vectors; float16 ones are converted a chunk of rows at a time."""
+        if getattr(feats, "dtype", None) == np.float16 and np.ndim(feats) == 2 and len(feats) > APPLY_CHUNK_ROWS:
+            out = np.empty((len(feats), self.out_dim), np.float32)
+            for start in range(0, len(feats), APPLY_CHUNK_ROWS):
+                out[start : start + APPLY_CHUNK_ROWS] = self.apply(feats[start : start + APPLY_CHUNK_ROWS])
+            return out
         x = as_features(feats, self.in_dim)
         if self.normalize_input:
             x = l2_normalize(x)

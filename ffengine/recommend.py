@@ -173,7 +173,7 @@ class Recommender:
         """A catalogue product as the query: its ``(1280,)`` features and ``k`` others like it, never itself
         or a copy of its picture. ``KeyError`` when the index does not hold ``product_id``."""
         row = self.row_by_id[product_id]
-        feats = self.index.features[row : row + 1]
+        feats = np.asarray(self.index.features[row : row + 1], dtype=np.float32)  # float16 in a written index
         recs = self.recommend_features(feats, k + 1 + 4, None)[0]  # room for the product and copies of it
         products, features = self.index.products, self.index.features
         others = [r for r in recs if not self.same_picture_as_any(self.row_by_id[r.product.id], [row], products, features)]
@@ -322,7 +322,7 @@ class Recommender:
         image = products[row].image
         if any(products[other].image == image for other in kept):
             return True
-        others = feats[kept]  # (len(kept), d): one vectorised comparison per candidate
+        others = feats[kept].astype(np.float32)  # (len(kept), d): one vectorised comparison per candidate (float16 in an index)
         gaps = np.linalg.norm(others - feats[row], axis=1)
         return bool((gaps <= DUPLICATE_TOLERANCE * np.maximum(np.linalg.norm(others, axis=1), 1e-6)).any())
 

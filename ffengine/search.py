@@ -1,9 +1,11 @@
-"""Searching an index's vectors with FAISS: exactly, or through a shortlist re-ranked exactly.
+"""Searching an index's vectors with FAISS: exactly, or through a shortlist re-ranked by float16 copies.
 
-``shortlist`` (the default) is FAISS's ``PCA{c},PQ{c/2}x4fs,RFlat``: four-bit codes of a PCA copy of
-the vectors, scanned with SIMD lookup tables, pick ``shortlist`` candidates whose exact distances
-give the answer; bench/index_speed.py measures how often that is the exact one. ``exact`` is a flat
-scan. FAISS holds the vectors: :attr:`Searcher.vectors` is a view of its storage, not a second copy.
+``shortlist`` (the default) is FAISS's ``PCA{c},PQ{c/2}x4fs,Refine(SQfp16)``: four-bit codes of a PCA
+copy of the vectors, scanned with SIMD lookup tables, pick ``shortlist`` candidates whose distances to
+the vectors kept in float16 give the answer; bench/index_speed.py measures how often that is the exact
+one. ``exact`` is a flat float32 scan. FAISS holds the vectors: :attr:`Searcher.vectors` is a view of
+its storage (float16 for a shortlist), not a second copy. Version-3 indexes re-rank float32 vectors
+(``RFlat``) and are still read.
 Distances are Euclidean (not squared); ties go to the lower row. FAISS is imported on first use, so
 that commands which never search start without it.
 """
@@ -14,7 +16,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
-from ffengine.projection import sample_rows
+from ffengine.projection import fits_float16, sample_rows
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -53,9 +55,17 @@ def effective_options(backend: str, options: dict[str, Any] | None) -> dict[str,
 
 def factory_string(coarse_dims: int) -> str:
     """The FAISS index of the shortlist: one 4-bit code per two PCA dimensions (per dimension when
-    ``coarse_dims`` is odd, as the code count must divide them), the vectors kept for re-ranking."""
+    ``coarse_dims`` is odd, as the code count must divide them), the vectors kept in float16 for re-ranking
+    (half the bytes of float32 to hash and page in; the distances differ by float16's rounding, ~1e-3)."""
     codes = coarse_dims // 2 if coarse_dims % 2 == 0 else coarse_dims
-    return f"PCA{coarse_dims},PQ{codes}x4fs,RFlat"
+    return f"PCA{coarse_dims},PQ{codes}x4fs,Refine(SQfp16)"
+
+
+def is_fp16(index: faiss.Index) -> bool:
+    """Whether ``index`` is a scalar quantiser storing each dimension as float16."""
+    import faiss
+
+    return isinstance(index, faiss.IndexScalarQuantizer) and index.sq.qtype == faiss.ScalarQuantizer.QT_fp16
 
 
 class Searcher:
@@ -68,7 +78,10 @@ class Searcher:
         self.shortlist = shortlist
         self.flat = faiss.downcast_index(index.refine_index) if shortlist else index
         n, d = self.flat.ntotal, self.flat.d
-        self.vectors = faiss.rev_swig_ptr(self.flat.get_xb(), n * d).reshape(n, d)
+        if is_fp16(self.flat):  # the refine stage's codes are the vectors in float16
+            self.vectors = faiss.rev_swig_ptr(self.flat.codes.data(), n * d * 2).view(np.float16).reshape(n, d)
+        else:
+            self.vectors = faiss.rev_swig_ptr(self.flat.get_xb(), n * d).reshape(n, d)
         self.vectors.flags.writeable = False
 
     @classmethod
@@ -81,10 +94,13 @@ class Searcher:
         if backend == "exact" or n < PQ_MIN_ROWS or coarse >= d:
             index = faiss.IndexFlatL2(d)
         else:
-            index = faiss.index_factory(d, factory_string(coarse))
+            factory = factory_string(coarse)
+            if not fits_float16(vectors):  # re-ranked in float32 where float16 cannot hold the vectors
+                factory = factory.replace("Refine(SQfp16)", "RFlat")
+            index = faiss.index_factory(d, factory)
             index.train(sample_rows(vectors, TRAIN_ROWS))
         index.add(vectors)
-        return cls(index, options["shortlist"] if isinstance(index, faiss.IndexRefineFlat) else None)
+        return cls(index, options["shortlist"] if isinstance(index, faiss.IndexRefine) else None)
 
     @classmethod
     def read(cls, path: Path, options: dict[str, Any]) -> Searcher:
@@ -96,8 +112,10 @@ class Searcher:
             index = faiss.read_index(str(path), getattr(faiss, "IO_FLAG_MMAP_IFC", 0))
         except RuntimeError as exc:
             raise ValueError(f"{path.name} is not a FAISS index ({str(exc).splitlines()[0]})") from None
-        if isinstance(index, faiss.IndexRefineFlat) and index.metric_type == faiss.METRIC_L2:
-            return cls(index, int(options["shortlist"]))
+        if isinstance(index, faiss.IndexRefine) and index.metric_type == faiss.METRIC_L2:
+            refine = faiss.downcast_index(index.refine_index)  # float16 (version 4) or float32 (version 3)
+            if is_fp16(refine) or isinstance(refine, faiss.IndexFlatL2):
+                return cls(index, int(options["shortlist"]))
         if isinstance(index, faiss.IndexFlatL2):
             return cls(index, None)
         raise ValueError(f"{path.name} holds a FAISS {type(index).__name__}, not an index this program writes")
@@ -138,7 +156,8 @@ class Searcher:
             return "an exact scan of every vector"
         base = faiss.downcast_index(self.index.base_index)
         dims, codes = base.chain.at(0).d_out, faiss.downcast_index(base.index).M
-        return f"{self.shortlist} candidates from {codes} 4-bit codes of a {dims}-d PCA copy, re-ranked exactly"
+        how = "by their float16 copies" if is_fp16(faiss.downcast_index(self.index.refine_index)) else "exactly"
+        return f"{self.shortlist} candidates from {codes} 4-bit codes of a {dims}-d PCA copy, re-ranked {how}"
 
 
 def exact_distances(vectors: np.ndarray, queries: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -87,7 +87,7 @@ def test_round_trip_keeps_everything(built: tuple[Path, np.ndarray, list[Product
     index = Index.load(out, expect_fingerprint="model-a")
     assert len(index) == 120
     assert index.products == prods
-    np.testing.assert_array_equal(index.features, feats)
+    np.testing.assert_array_equal(index.features, feats.astype(np.float16))  # stored in float16 since version 4
     np.testing.assert_allclose(index.vectors, index.projection.apply(feats), rtol=1e-5, atol=1e-6)
     m = index.manifest
     assert (m["fingerprint"], m["dim"], m["vector_dim"], m["backend"], m["catalog_hash"]) == ("model-a", DIM, 16, DEFAULT_BACKEND, "cat1")
@@ -146,7 +146,7 @@ def test_backend_options_are_checked(tmp_path: Path) -> None:
     assert Index.load(plain).searcher.shortlist is None
     n = PQ_MIN_ROWS
     short = Index.load(write_index(tmp_path / "s", features(n), products(n), fingerprint="m", catalog_hash="c", coarse_dims=4, shortlist=9))
-    assert short.searcher.shortlist == 9 and short.searcher.describe() == "9 candidates from 2 4-bit codes of a 4-d PCA copy, re-ranked exactly"
+    assert short.searcher.shortlist == 9 and short.searcher.describe() == "9 candidates from 2 4-bit codes of a 4-d PCA copy, re-ranked by their float16 copies"
     small = write_index(tmp_path / "x", features(n - 1), products(n - 1), fingerprint="m", catalog_hash="c", coarse_dims=4)
     assert Index.load(small).searcher.describe() == "an exact scan of every vector"  # too few rows to train codes on
 
@@ -192,7 +192,7 @@ def shortlisted(tmp_path: Path) -> tuple[Path, np.ndarray]:
 def test_the_faiss_file_is_checksummed_and_refused_when_corrupt(shortlisted: tuple[Path, np.ndarray]) -> None:
     out, _ = shortlisted
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["files"]["search.faiss"] == sha256_file(out / "search.faiss") and manifest["version"] == 3
+    assert manifest["files"]["search.faiss"] == sha256_file(out / "search.faiss") and manifest["version"] == 4
     data = bytearray((out / "search.faiss").read_bytes())
     data[len(data) // 2] ^= 0xFF
     (out / "search.faiss").write_bytes(bytes(data))
@@ -223,7 +223,7 @@ def test_load_reads_the_trained_search_instead_of_training_it(shortlisted: tuple
 
     monkeypatch.setattr(Searcher, "build", no_training)
     index = Index.load(out)
-    assert index.searcher.describe() == "50 candidates from 4 4-bit codes of a 8-d PCA copy, re-ranked exactly"
+    assert index.searcher.describe() == "50 candidates from 4 4-bit codes of a 8-d PCA copy, re-ranked by their float16 copies"
     np.testing.assert_array_equal(index.vectors, built.vectors)
     assert not index.vectors.flags.writeable  # a view of FAISS's copy: one copy of the vectors in memory
     q = features(20, seed=13)
@@ -257,6 +257,28 @@ def test_version_2_indexes_still_load(shortlisted: tuple[Path, np.ndarray], back
     rewrite_manifest(out, version=3, backend="exact", options={})  # version 3 has no vectors.npy: its FAISS file is missing
     with pytest.raises(IndexLoadError, match="search.faiss is missing"):
         Index.load(out)
+
+
+def test_version_3_indexes_of_float32_still_load(shortlisted: tuple[Path, np.ndarray]) -> None:
+    """Version 3 kept features.npy and the re-ranked vectors (FAISS's RFlat) in float32: read as they are."""
+    out, feats = shortlisted
+    ident = Projection.identity(DIM, normalize_input=True)
+    old = faiss.index_factory(DIM, "PCA8,PQ4x4fs,RFlat")
+    old.train(ident.apply(feats))
+    old.add(ident.apply(feats))
+    faiss.write_index(old, str(out / "search.faiss"))
+    np.save(out / "features.npy", feats)
+    rewrite_manifest(out, version=3)
+    index = Index.load(out)
+    assert index.features.dtype == np.float32 and index.vectors.dtype == np.float32
+    assert index.searcher.describe() == "50 candidates from 4 4-bit codes of a 8-d PCA copy, re-ranked exactly"
+    q = features(10, seed=15)
+    want_dist, want_idx = old.search(ident.apply(q), 50)  # the shortlist FAISS re-ranks in float32
+    dist, idx = index.search(q, 3)
+    np.testing.assert_array_equal(idx, want_idx[:, :3])
+    np.testing.assert_allclose(dist, np.sqrt(want_dist[:, :3]), rtol=1e-6)
+    rows = np.arange(0, len(feats), 7)
+    np.testing.assert_array_equal(index.search_rows(q, rows, 4)[1], rows[exact_rows(ident.apply(feats[rows]), ident.apply(q), 4)[1]])
 
 
 def test_atomic_writes_leave_the_old_file_or_the_new_one(tmp_path: Path) -> None:
@@ -416,7 +438,8 @@ def test_search_equals_exact_search_on_small_indexes(n: int, options: dict[str, 
         dist, idx = index.search(q, k)
         want_dist, want_idx = exact_rows(proj.apply(feats), proj.apply(q), k)
         np.testing.assert_array_equal(idx, want_idx)
-        np.testing.assert_allclose(dist, want_dist, rtol=1e-5, atol=1e-6)
+        # a flat scan is float32; a shortlist re-ranks by float16 copies of the vectors (rounding ~5e-4)
+        np.testing.assert_allclose(dist, want_dist, rtol=1e-5 if index.searcher.shortlist is None else 2e-3, atol=1e-6)
 
 
 @pytest.mark.parametrize(("backend", "n"), [("exact", 60), ("shortlist", PQ_MIN_ROWS)])
@@ -440,13 +463,13 @@ def test_search_rows_is_exact_within_the_rows() -> None:
     dist, idx = index.search_rows(q, rows, 8)
     want_dist, want_pos = exact_rows(feats[np.sort(rows)], q, 8)
     np.testing.assert_array_equal(idx, np.sort(rows)[want_pos])
-    np.testing.assert_allclose(dist, want_dist, rtol=1e-5)
+    np.testing.assert_allclose(dist, want_dist, rtol=2e-3)  # from the float16 vectors a shortlist keeps
     assert index.search_rows(q[:2], np.array([9, 9, 4]), 5)[1].shape == (2, 2)  # k capped at the rows there are
     dist, idx = index.search_rows(q[:2], np.array([], np.int64), 5)
     assert dist.shape == idx.shape == (2, 0)
 
 
-def test_shortlist_scans_product_quantised_codes_and_reranks_exactly() -> None:
+def test_shortlist_scans_product_quantised_codes_and_reranks_by_float16_vectors() -> None:
     rng = np.random.default_rng(11)
     # intrinsically 16-d data in 48 dims, enough rows for product quantisation
     basis = rng.normal(size=(16, DIM))
@@ -455,12 +478,12 @@ def test_shortlist_scans_product_quantised_codes_and_reranks_exactly() -> None:
     ident = Projection.identity(DIM)
     truth = exact_rows(feats, q, 5)
     index = Index(feats, products(3000), fingerprint="m", projection=ident, options={"coarse_dims": 16, "shortlist": 150})
-    assert index.searcher.describe() == "150 candidates from 8 4-bit codes of a 16-d PCA copy, re-ranked exactly"
+    assert index.searcher.describe() == "150 candidates from 8 4-bit codes of a 16-d PCA copy, re-ranked by their float16 copies"
     dist, idx = index.search(q, 5)
     hits = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(idx, truth[1])])
     assert hits >= 0.95, hits  # approximate codes only pick candidates ...
     found = np.isin(idx, truth[1]).all(axis=1)
-    np.testing.assert_allclose(dist[found], truth[0][found], rtol=1e-5)  # ... distances are exact
+    np.testing.assert_allclose(dist[found], truth[0][found], rtol=2e-3)  # ... distances are exact to float16's rounding
     # a shortlist of 5 misses neighbours a shortlist of 150 finds; one of every row finds them all
     narrow = Index(feats, products(3000), fingerprint="m", projection=ident, options={"coarse_dims": 2, "shortlist": 5})
     assert np.mean([len(set(a) & set(b)) / 5 for a, b in zip(narrow.search(q, 5)[1], truth[1])]) < hits
@@ -529,3 +552,14 @@ def test_leftovers_of_crashed_writes_are_removed_but_not_a_write_in_progress(tmp
     assert Index.load(out).fingerprint == "m"
     assert not stale.exists() and live.is_dir() and other.is_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx", "idx.tmp-writing", "other.tmp-crashed"]
+
+
+def test_features_float16_cannot_hold_stay_float32(tmp_path: Path) -> None:
+    """Rows so short (or values so large) that float16 would round them away are stored and re-ranked in float32."""
+    tiny = features(PQ_MIN_ROWS, seed=16) * np.float32(1e-9)  # e.g. a random-init backbone's outputs
+    index = Index.load(write_index(tmp_path / "t", tiny, products(PQ_MIN_ROWS), fingerprint="m", catalog_hash="c", projection=Reduction(None, False), coarse_dims=8))
+    assert index.features.dtype == np.float32 and index.vectors.dtype == np.float32
+    np.testing.assert_array_equal(index.features, tiny)
+    assert index.searcher.describe().endswith("re-ranked exactly")
+    normal = Index.load(write_index(tmp_path / "n", tiny * np.float32(1e9), products(PQ_MIN_ROWS), fingerprint="m", catalog_hash="c", coarse_dims=8))
+    assert normal.features.dtype == np.float16 and normal.vectors.dtype == np.float16
