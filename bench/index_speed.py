@@ -54,7 +54,9 @@ from threadpoolctl import threadpool_limits
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FF_SHARED_DIR", REPO.parent / "shared"))
-SIZES = {"10k": "catalog-10k", "44k": "catalog-44k", "200k": "catalog-44k"}
+SIZES = {"10k": "catalog-10k", "44k": "catalog-44k", "200k": "catalog-44k", "1m": "catalog-44k"}
+#: Sizes made of catalog-44k plus jittered copies, and how many rows they have.
+JITTERED = {"200k": 200_000, "1m": 1_000_000}
 JITTER = 0.25
 
 from ffengine.build import embed_catalog  # noqa: E402
@@ -286,15 +288,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def catalogue(size: str, data: Path, embedder: Embedder, cache: Path, loaded: dict[str, tuple[np.ndarray, list[Product]]]) -> tuple[np.ndarray, list[Product]]:
-    """The catalogue features and products of ``size`` (embedded once per catalogue; 200k adds jittered copies)."""
+    """The catalogue features and products of ``size`` (embedded once per catalogue; 200k and 1m add jittered copies)."""
     folder = SIZES[size]
     if folder not in loaded:
         cat = embed_catalog(data / folder / "products.csv", embedder, cache_dir=cache, progress=True)
         loaded[folder] = (cat.features, cat.products)
     feats, products = loaded[folder]
-    if size != "200k":
+    if size not in JITTERED:
         return feats, products
-    feats = jittered(feats, 200_000)
+    feats = jittered(feats, JITTERED[size])
     return feats, products + [
         Product(id=f"jitter-{i}", title="jittered copy", url=f"https://shop.invalid/{i}", image=f"/nonexistent/{i}.jpg", category="x")
         for i in range(len(feats) - len(products))
