@@ -64,10 +64,10 @@ class ActiveModel:
         """The store categories this model's catalogue has (an item of another catalogue may not)."""
         return frozenset(p.category for p in self.index.products if p.category)
 
-    @cached_property
-    def products(self) -> dict[str, Product]:
-        """This model's catalogue by product id."""
-        return {p.id: p for p in self.index.products}
+    def product(self, product_id: str) -> Product | None:
+        """This model's catalogue product ``product_id``, if it has one."""
+        row = self.recommender.row_by_id.get(product_id)
+        return None if row is None else self.index.products[row]
 
     def search_item(self, image: Image.Image, item: StoredItem, k: int) -> tuple[np.ndarray, list[Recommendation]]:
         """Blocking (model thread): the crop of a logged item -> its features and ``k`` products of its
@@ -78,7 +78,7 @@ class ActiveModel:
 
     def more_like(self, product_id: str, k: int) -> tuple[np.ndarray, list[Recommendation]]:
         """Blocking (model thread): the product's own features as the query; :class:`Stale` when it is gone."""
-        if product_id not in self.products:
+        if product_id not in self.recommender.row_by_id:
             raise Stale(f"no product {product_id!r} in {self.name}")
         return self.recommender.more_like(product_id, k=k)
 

@@ -150,11 +150,12 @@ class Recommender:
 
     def answer_photos(self, images: Sequence[Image.Image], k: int = 5, filters: Filters | None = None) -> list[PhotoAnswer]:
         """Pictures -> for each, ``k`` products for the whole photo and its likely items (blocking model work)."""
+        head = self.index.priors.category_head if self.index.priors is not None else None
+        if head is None:  # no items to find: the maps are not needed
+            feats = self.embedder.embed(images)
+            return [PhotoAnswer(f, r, []) for f, r in zip(feats, self.recommend_features(feats, k, filters), strict=True)]
         feats, maps = self.embedder.embed_with_maps(images)
         recs = self.recommend_features(feats, k, filters)
-        head = self.index.priors.category_head if self.index.priors is not None else None
-        if head is None:
-            return [PhotoAnswer(f, r, []) for f, r in zip(feats, recs, strict=True)]
         proba = head.proba(feats)
         return [
             PhotoAnswer(feats[i], recs[i], find_items(head, proba[i], maps[i], *img.size)) for i, img in enumerate(images)

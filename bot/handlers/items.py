@@ -59,7 +59,7 @@ async def on_more(update: Update, context: FFContext) -> None:
     pressed = await look_up(update, context, MORE, parse_more, svc.db.pressed_recommendation)
     if pressed is None:
         return
-    product = svc.models.current.products.get(pressed.product_id)
+    product = svc.models.current.product(pressed.product_id)
     if product is None:
         await refuse(query, MORE, "stale")
         return
