@@ -99,7 +99,7 @@ class BallTreeIndex:
         return dist.astype(np.float32), idx.astype(np.int64)
 
 
-DEFAULT = "L2 1280-d, PQ PCA128 (64x4 bit) -> rerank 400 (default)"
+DEFAULT = "L2 1280-d, shipped default for the size"
 CONFIGS = [
     Config("study: raw 1280-d, BallTree", Reduction(None, False), "balltree"),
     Config("L2 1280-d, BallTree", Reduction(None, True), "balltree", skip=("200k",)),
@@ -108,7 +108,7 @@ CONFIGS = [
     Config("L2+PCA64, BallTree", Reduction(64, True), "balltree"),
     Config("L2 1280-d, PQ PCA64 (32x4 bit) -> rerank 400", Reduction(None, True), "shortlist", {"coarse_dims": 64, "shortlist": 400}),
     Config("L2 1280-d, PQ PCA128 (64x4 bit) -> rerank 200", Reduction(None, True), "shortlist", {"coarse_dims": 128, "shortlist": 200}),
-    Config(DEFAULT, DEFAULT_REDUCTION, DEFAULT_BACKEND, DEFAULT_OPTIONS[DEFAULT_BACKEND]),
+    Config(DEFAULT, DEFAULT_REDUCTION, DEFAULT_BACKEND),  # options by size: effective_options(backend, {}, rows)
     Config("L2 1280-d, PQ PCA128 (64x4 bit) -> rerank 800", Reduction(None, True), "shortlist", {"coarse_dims": 128, "shortlist": 800}),
     Config("L2 1280-d, PQ PCA256 (128x4 bit) -> rerank 400", Reduction(None, True), "shortlist", {"coarse_dims": 256, "shortlist": 400}),
     Config("raw 1280-d, exact", Reduction(None, False), "exact"),
@@ -254,6 +254,7 @@ def measure_defaults(codes: list[ModuleType], feats: np.ndarray, products: list[
             code.Index.load(where[code], expect_fingerprint=fp)
             out[code]["load_s_all"].append(round(time.perf_counter() - t, 2))
     for code in codes:
+        out[code].update(serving_memory(where[code], queries[:200], fp))
         index = code.Index.load(where[code], expect_fingerprint=fp)
         rec = Recommender(FeatureOnly(fp, index.dim), index)  # type: ignore[arg-type]
         with threadpool_limits(1):
@@ -266,6 +267,36 @@ def measure_defaults(codes: list[ModuleType], feats: np.ndarray, products: list[
             recommend_cpu_p50_ms=round(float(np.percentile(cpu, 50)) * 1e3, 3),
         )
     return list(out.values())
+
+
+SERVE = """
+import sys, time, numpy as np
+from ffengine.index import Index
+from ffengine.recommend import Recommender
+class FeatureOnly:
+    def __init__(self, fingerprint, dim): self.fingerprint, self.dim = fingerprint, dim
+def rss(field):
+    return next(int(line.split()[1]) / 1024 for line in open("/proc/self/status") if line.startswith(field))
+t = time.perf_counter()
+index = Index.load(sys.argv[1], expect_fingerprint=sys.argv[3])
+loaded_s, after_load = time.perf_counter() - t, rss("VmRSS:")
+rec = Recommender(FeatureOnly(sys.argv[3], index.dim), index)
+for q in np.load(sys.argv[2]):
+    rec.recommend_features(q[None], 5)
+print(loaded_s, after_load, rss("VmRSS:"), rss("VmHWM:"))
+"""
+
+
+def serving_memory(where: Path, queries: np.ndarray, fp: str) -> dict[str, float]:
+    """A fresh process as a replica runs: load the index, answer ``queries``; its resident memory (MB) after
+    loading, after answering and at its peak (memory-mapped pages it touched included), and its load time."""
+    file = where.with_suffix(".queries.npy")
+    np.save(file, queries)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", SERVE, str(where), str(file), fp], capture_output=True, text=True, env=env, check=True)
+    file.unlink()
+    load_s, after_load, after_queries, peak = (float(x) for x in done.stdout.split())
+    return {"fresh_process_load_s": round(load_s, 2), "rss_after_load_mb": round(after_load), "rss_serving_mb": round(after_queries), "rss_peak_mb": round(peak)}
 
 
 def markdown(rows: list[list[str]], header: list[str]) -> str:
@@ -311,8 +342,9 @@ def print_tables(results: list[dict[str, Any]], defaults: list[dict[str, Any]]) 
         for r in results
     ]  # fmt: skip
     print("\n" + markdown(rows, header))
-    print("\n" + markdown([[d["size"], d["code"], f"{d['write_s']:.1f}", f"{d['load_s']:.2f}", f"{d['recommend_p50_ms']:.2f}", f"{d['recommend_p95_ms']:.2f}", f"{d['recommend_cpu_p50_ms']:.2f}"] for d in defaults],
-                          ["size", "code", "write s", "load s (fastest)", "recommend p50 ms", "recommend p95 ms", "recommend CPU p50 ms"]))  # fmt: skip
+    print("\n" + markdown([[d["size"], d["code"], f"{d['write_s']:.1f}", f"{d['load_s']:.2f}", f"{d['recommend_p50_ms']:.2f}", f"{d['recommend_p95_ms']:.2f}", f"{d['recommend_cpu_p50_ms']:.2f}",
+                             f"{d['rss_serving_mb']}", f"{d['rss_peak_mb']}"] for d in defaults],
+                          ["size", "code", "write s", "load s (fastest)", "recommend p50 ms", "recommend p95 ms", "recommend CPU p50 ms", "serving RSS MB", "peak RSS MB"]))  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

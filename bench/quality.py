@@ -54,7 +54,7 @@ from ffengine.embedder import Embedder  # noqa: E402
 from ffengine.evaluate import PrecisionReport, category_precision, embed_photos, read_category_map, read_queries  # noqa: E402
 from ffengine.index import Index, Reduction  # noqa: E402
 from ffengine.prior import CATEGORY_WEIGHT, KIND_WEIGHT, LinearHead, Priors, fit_priors  # noqa: E402
-from ffengine.recommend import Recommendation, Recommender  # noqa: E402
+from ffengine.recommend import Recommendation, Recommender, same_picture_as_any  # noqa: E402
 from ffengine.weights import fingerprint, resolve_weights  # noqa: E402
 
 # ---------------------------------------------------------------- data
@@ -207,7 +207,7 @@ def colour_agreement(results: Sequence[Sequence[Recommendation]], products: Sequ
         colour = products[q].colour
         if not colour:
             continue
-        rest = [r for r in recs if not Recommender.same_picture_as_any(row_of[r.product.id], [q], products, features)][:others]  # type: ignore[arg-type]
+        rest = [r for r in recs if not same_picture_as_any(row_of[r.product.id], [q], products, features)][:others]
         scores.append(sum(r.product.colour == colour for r in rest) / others)
     return float(np.mean(scores)) if scores else 0.0
 

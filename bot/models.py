@@ -62,7 +62,7 @@ class ActiveModel:
     @cached_property
     def categories(self) -> frozenset[str]:
         """The store categories this model's catalogue has (an item of another catalogue may not)."""
-        return frozenset(p.category for p in self.index.products if p.category)
+        return frozenset(value for value in self.recommender.column("category").values if value)
 
     def product(self, product_id: str) -> Product | None:
         """This model's catalogue product ``product_id``, if it has one."""
@@ -87,6 +87,24 @@ def catalogue_changed(old: ActiveModel, new: ActiveModel) -> bool:
     """Whether the product table must be refreshed: not for a retrain over the same catalogue."""
     old_hash, new_hash = old.index.manifest.get("catalog_hash"), new.index.manifest.get("catalog_hash")
     return not new_hash or new_hash != old_hash
+
+
+def changed_pictures(old: ActiveModel, new: ActiveModel) -> list[str]:
+    """Blocking: the products both catalogues hold whose picture differs (by sha256), though its reference
+    may not: their old Telegram photos must go. Every product, where either index kept no hashes."""
+    before, after = old.index.image_sha256, new.index.image_sha256
+    rows = old.recommender.row_by_id
+    if before is None or after is None:
+        return [pid for pid in new.recommender.row_by_id if pid in rows]
+    return [pid for pid, row in new.recommender.row_by_id.items() if pid in rows and not np.array_equal(before[rows[pid]], after[row])]
+
+
+async def refresh_products(db: Database, old: ActiveModel, new: ActiveModel) -> None:
+    """The product table as ``new``'s catalogue has it, when the catalogues differ: rows upserted (an
+    unchanged one is not rewritten) and the Telegram photos of changed pictures forgotten."""
+    if catalogue_changed(old, new):
+        await db.upsert_products(new.index.products)
+        await db.forget_photo_file_ids(await asyncio.to_thread(changed_pictures, old, new))
 
 
 class ModelLoader:
@@ -156,8 +174,7 @@ class ModelSwitch:
             if version is None:
                 raise NotFound(f"no model version {version_id_or_name!r}; /models lists them")
             model = await asyncio.to_thread(self.loader.load, version)
-            if catalogue_changed(self._current, model):  # a changed photo forgets its old Telegram file_id
-                await db.upsert_products(model.index.products)
+            await refresh_products(db, self._current, model)
             await db.activate_model_version(version.id)
             self._swap(model, version)
             return model
@@ -174,6 +191,7 @@ class ModelSwitch:
             except Exception:
                 self.unloadable = version.id
                 raise
+            await refresh_products(db, self._current, model)  # every replica: the same rows, written once
             self._swap(model, version)
             return model
 

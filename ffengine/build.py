@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from ffengine.cache import EmbeddingCache, content_hash
 from ffengine.catalog import CatalogReadResult, Problem, Product, no_usable_product, read_catalog
-from ffengine.errors import CatalogError, ImageRejected
+from ffengine.errors import CatalogError, FFError, ImageRejected
 from ffengine.fetch import Fetcher, FetchError, FetchSettings, redact_url
 from ffengine.httpcache import HttpCache
 from ffengine.images import MAX_BYTES, load_image, read_image_bytes
@@ -52,6 +52,7 @@ from ffengine.prior import describe as describe_priors
 from ffengine.prior import LinearHead, fit_priors
 
 if TYPE_CHECKING:  # torch comes with the weights; the build only reads the record
+    from ffengine.index import Index
     from ffengine.weights import Preprocess
 
 log = logging.getLogger(__name__)
@@ -116,11 +117,15 @@ class BuildReport:
     warnings: list[Problem] = field(default_factory=list)
     #: What the category priors learned (classes, held-out accuracy); see :mod:`ffengine.prior`.
     priors: dict[str, object] = field(default_factory=dict)
+    #: Of ``cached``: pictures whose features came from the previous index (``index update``).
+    reused: int = 0
 
     def summary(self, max_problems: int = 10) -> str:
         """A few lines for a person: counts, speed, and the first skipped rows."""
         lines = [
-            f"{self.products} products indexed ({self.embedded} embedded, {self.cached} from cache"
+            f"{self.products} products indexed ({self.embedded} embedded"
+            + (f", {self.reused} reused from the previous index" if self.reused else "")
+            + f", {self.cached - self.reused} from cache"
             + (f", {self.downloaded} downloaded" if self.downloaded else "")
             + (f", {self.revalidated} unchanged on the server" if self.revalidated else "")
             + f"), {len(self.skipped)} skipped"
@@ -147,6 +152,7 @@ class BuildReport:
             "warnings": [_problem_json(p) for p in self.warnings],
             "embedded": self.embedded,
             "cached": self.cached,
+            "reused": self.reused,
             "downloaded": self.downloaded,
             "revalidated": self.revalidated,
             "seconds": round(self.seconds, 3),
@@ -187,21 +193,24 @@ def build_index(
     fetch: FetchSettings | None = None,
     batch_size: int = BATCH_SIZE,
     workers: int | None = None,
+    previous: Index | None = None,
     **index_options: Any,
 ) -> BuildReport:
     """Import ``catalog_path`` (or an already read catalogue), embed it (reusing ``cache_dir``)
     and write the index to ``out_dir``.
 
     ``index_options`` go to :func:`ffengine.index.write_index` (``backend``, ``projection``,
-    ``leaf_size``...). Blocking: from async code use ``asyncio.to_thread``.
+    ``coarse_dims``...). A ``previous`` index lends its pictures' features and its trained search
+    (:func:`update_index`). Blocking: from async code use ``asyncio.to_thread``.
     Raises :class:`CatalogError` when nothing usable is left.
     """
     from ffengine.index import weights_record, write_index
 
     started = time.perf_counter()
     result = embed_catalog(
-        catalog_path, embedder, cache_dir=cache_dir, progress=progress, limit=limit, fetch=fetch, batch_size=batch_size, workers=workers
-    )
+        catalog_path, embedder, cache_dir=cache_dir, progress=progress, limit=limit, fetch=fetch, batch_size=batch_size, workers=workers,
+        previous=previous,
+    )  # fmt: skip
     report = result.report
     index_started = time.perf_counter()
     priors = fit_priors(result.features, [p.category for p in result.products], kind_head=embedder.kind_head, colours=result.colours)
@@ -215,6 +224,8 @@ def build_index(
         priors=priors,
         preprocess=embedder.preprocess.to_json(),
         weights=weights_record(embedder.source),
+        image_hashes=result.image_hashes,
+        trained=previous.searcher if previous is not None else None,
         **index_options,
     )
     report.index_seconds = time.perf_counter() - index_started
@@ -222,6 +233,32 @@ def build_index(
     report.images_per_s = report.products / report.seconds if report.seconds > 0 else 0.0
     log.info("index build: %s", report.summary(max_problems=0))
     return report
+
+
+def update_index(
+    catalog_path: str | os.PathLike[str] | CatalogReadResult,
+    index_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    embedder: Model,
+    **build_options: Any,
+) -> BuildReport:
+    """Index the catalogue anew into ``out_dir`` from the index at ``index_dir``, which stays as it is (a
+    version's index is never changed): pictures it holds keep their features and colours (by sha256, so a
+    changed picture is embedded again and a moved one is not), new products are embedded, gone ones left
+    out. Its projection and its trained search structure are kept, refilled rather than trained again,
+    unless the catalogue has grown into another structure. ``build_options`` as :func:`build_index` takes them.
+    """
+    from ffengine.index import Index
+
+    if Path(out_dir).resolve() == Path(index_dir).resolve():
+        raise FFError(f"an update writes a new index: {out_dir} is the index it starts from")
+    previous = Index.load(index_dir, expect_fingerprint=embedder.fingerprint)
+    if previous.image_sha256 is None:
+        raise FFError(f"Index {index_dir} was written before indexes kept their pictures' hashes: rebuild it once with `ffengine index build`")
+    return build_index(
+        catalog_path, out_dir, embedder, previous=previous, backend=previous.backend, projection=previous.projection,
+        **{**previous.options, **build_options},
+    )  # fmt: skip
 
 
 def embed_catalog(
@@ -234,6 +271,7 @@ def embed_catalog(
     fetch: FetchSettings | None = None,
     batch_size: int = BATCH_SIZE,
     workers: int | None = None,
+    previous: Index | None = None,
 ) -> EmbeddedCatalog:
     """Blocking wrapper of :func:`aembed_catalog` (runs its own event loop)."""
     try:
@@ -244,8 +282,9 @@ def embed_catalog(
         raise RuntimeError("embed_catalog() blocks; from async code use 'await aembed_catalog(...)'")
     return asyncio.run(
         aembed_catalog(
-            catalog, embedder, cache_dir=cache_dir, progress=progress, limit=limit, fetch=fetch, batch_size=batch_size, workers=workers
-        )
+            catalog, embedder, cache_dir=cache_dir, progress=progress, limit=limit, fetch=fetch, batch_size=batch_size, workers=workers,
+            previous=previous,
+        )  # fmt: skip
     )
 
 
@@ -259,6 +298,7 @@ async def aembed_catalog(
     fetch: FetchSettings | None = None,
     batch_size: int = BATCH_SIZE,
     workers: int | None = None,
+    previous: Index | None = None,
 ) -> EmbeddedCatalog:
     """Embed every usable product of ``catalog`` (a path or an already read catalogue).
 
@@ -266,7 +306,8 @@ async def aembed_catalog(
     blocked, so this is safe to await inside the bot. ``workers`` sizes the decode
     pool (default: the number of CPUs); ``fetch`` sets download limits (default:
     :meth:`FetchSettings.from_env`, which reads the hosts and networks
-    :data:`~ffengine.config.FETCH_ALLOW` opens).
+    :data:`~ffengine.config.FETCH_ALLOW` opens). The pictures a ``previous`` index holds (by sha256)
+    keep the features and colours it has for them.
     """
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
@@ -277,6 +318,8 @@ async def aembed_catalog(
         read = await asyncio.to_thread(read_catalog, catalog, limit=limit)
     cache = EmbeddingCache(cache_dir, embedder.fingerprint, embedder.dim) if cache_dir is not None else None
     colour_cache = EmbeddingCache(cache_dir, colour_cache_name(embedder.preprocess), COLOUR_BINS) if cache_dir is not None else None
+    if previous is not None:
+        cache, colour_cache = Reused.layers(previous, cache, colour_cache)
     http_cache = HttpCache.beside(cache_dir) if cache_dir is not None else None
     fetch = fetch or FetchSettings.from_env()
     inline = _embeds_inline(embedder)
@@ -291,7 +334,35 @@ async def aembed_catalog(
         pool.shutdown(wait=False, cancel_futures=True)
         model.shutdown(wait=False, cancel_futures=True)
 
-    return await asyncio.to_thread(embedded_catalog, read, run, embedder.fingerprint, started)
+    done = await asyncio.to_thread(embedded_catalog, read, run, embedder.fingerprint, started)
+    if isinstance(cache, Reused):
+        done.report.reused = sum(digest in cache.rows for digest in done.image_hashes)
+    return done
+
+
+class Reused:
+    """A previous index's features (or colour histograms) of its pictures, by sha256, in front of an
+    embedding cache (``behind``, or none): what it does not hold is looked up and stored there."""
+
+    def __init__(self, rows: dict[str, int], values: np.ndarray | None, behind: EmbeddingCache | None) -> None:
+        self.rows, self.values, self.behind = rows, values, behind
+
+    @classmethod
+    def layers(cls, index: Index, cache: EmbeddingCache | None, colours: EmbeddingCache | None) -> tuple[Reused, Reused]:
+        """The feature and colour layers of ``index`` (one that kept no pictures' hashes reuses nothing)."""
+        digests = index.image_sha256
+        rows = {} if digests is None else {bytes(d).hex(): row for row, d in enumerate(digests)}
+        kept_colours = index.priors.colours if index.priors is not None else None
+        return cls(rows, index.features, cache), cls(rows if kept_colours is not None else {}, kept_colours, colours)
+
+    def get(self, digest: str) -> np.ndarray | None:
+        row = self.rows.get(digest)
+        if row is None:
+            return self.behind.get(digest) if self.behind is not None else None
+        return np.asarray(self.values[row], dtype=np.float32)  # type: ignore[index]
+
+    def put(self, digest: str, value: np.ndarray) -> bool:
+        return self.behind.put(digest, value) if self.behind is not None else False
 
 
 def embedded_catalog(read: CatalogReadResult, run: _Run, fingerprint: str, started: float) -> EmbeddedCatalog:

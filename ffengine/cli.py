@@ -102,6 +102,16 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_index_update(args: argparse.Namespace) -> int:
+    from ffengine.build import update_index
+
+    settings = settings_from(args).with_index_weights()  # the weights the index was built with, unless --weights
+    cache = None if args.no_cache else (args.cache or settings.cache_dir)
+    report = update_index(args.catalog, settings.index_dir, args.out, load_embedder(settings), cache_dir=cache, progress=not args.quiet)
+    print(report.summary(max_problems=args.show_skipped))
+    return 0
+
+
 def cmd_index_info(args: argparse.Namespace) -> int:
     from ffengine.index import Index, Reduction
 
@@ -285,6 +295,13 @@ def add_model_flags(parser: argparse.ArgumentParser, otherwise: str = DEFAULT_WE
     parser.add_argument("--runtime", help="CPU runtime: auto, openvino, onnx or torch (default: $FFENGINE_RUNTIME or auto)")
 
 
+def add_build_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cache", type=Path, help="embedding and remote-image cache directory (default: $FFENGINE_DATA_DIR/cache)")
+    parser.add_argument("--no-cache", action="store_true", help="do not read or write the embedding or remote-image cache")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--show-skipped", type=int, default=20, metavar="N", help="list at most N skipped rows (default 20)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=program_name("ffengine"), description="FocusedFashion engine: index a catalogue, recommend products for photos.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -302,11 +319,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--pca", type=int, metavar="DIMS", help="search a PCA of the features cut to DIMS dimensions (0: keep them all); default: no PCA, every dimension, L2-normalised"
     )
     build.add_argument("--no-l2", action="store_true", help="with --pca: do not L2-normalise features first")
-    build.add_argument("--cache", type=Path, help="embedding and remote-image cache directory (default: $FFENGINE_DATA_DIR/cache)")
-    build.add_argument("--no-cache", action="store_true", help="do not read or write the embedding or remote-image cache")
-    build.add_argument("--quiet", action="store_true", help="no progress bar")
-    build.add_argument("--show-skipped", type=int, default=20, metavar="N", help="list at most N skipped rows (default 20)")
+    add_build_flags(build)
     build.set_defaults(func=cmd_index_build)
+    update = index_cmds.add_parser(
+        "update", help="write a new index for a changed catalogue from an existing one: only new and changed pictures are embedded"
+    )
+    update.add_argument("--catalog", required=True, type=Path, help="the whole catalogue as it is now (.csv or .jsonl)")
+    update.add_argument("--index", help="the index to start from, left unchanged (default: $FFENGINE_INDEX or $FFENGINE_DATA_DIR/index)")
+    update.add_argument("--out", required=True, type=Path, help="the new index directory")
+    add_model_flags(update)
+    add_build_flags(update)
+    update.set_defaults(func=cmd_index_update)
     info = index_cmds.add_parser("info", help="describe an index directory")
     info.add_argument("index", nargs="?", help="index directory (default: $FFENGINE_INDEX)")
     info.set_defaults(func=cmd_index_info)

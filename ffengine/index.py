@@ -5,14 +5,19 @@ FAISS, :class:`Index` ties them to the products and to the files below (:mod:`ff
 them atomically), and the names other modules use from those are importable from here. An index is a directory::
 
     manifest.json          what made it: model fingerprint, dims, backend, catalogue hash, sha256 of every file
-    features.npy           raw backbone features (n, 1280) in float16 (version 3: float32), memory-mapped at load,
-                           so train/ can re-project without re-reading images
+    features.npy           backbone features (n, 1280) in float16 (version 3: float32), memory-mapped at load,
+                           so train/ can re-project without re-reading images; L2-normalised when the projection
+                           normalises (their length never counts then). Not written when the projection is the
+                           identity: the features are then the searched vectors, kept once (in the search file)
     search.faiss           the FAISS index, in FAISS's own format: the searched vectors ``projection.apply(features)``
                            (float16 for the shortlist's re-ranking; version 3: float32) and, for the shortlist, its
                            trained PCA and codes (loading trains nothing)
     projection_mean.npy    (1280,)   } the reduction applied to catalogue and query features alike
     projection_matrix.npy  (1280, d) }
-    products.jsonl         one ``Product.to_json()`` per line, row order = vector order
+    image_sha256.npy       (n, 32) uint8: each product picture's sha256, so that ``index update`` reuses the
+                           features of the pictures it already holds (absent before version 5)
+    products.jsonl         one ``Product.to_json()`` per line, row order = vector order (read a line at a time
+                           on access: :class:`ffengine.productfile.ProductFile`)
 
 Nothing in it is executable: arrays load with ``np.load(allow_pickle=False)``, the search file with
 FAISS's reader, the rest is JSON, each checked against the manifest's sha256 first. Version 2 had
@@ -23,8 +28,6 @@ are atomic: a sibling ``<out>.tmp-XXXX`` directory is filled, then swapped in by
 
 from __future__ import annotations
 
-import dataclasses
-import gc
 import hashlib
 import json
 import logging
@@ -44,7 +47,8 @@ from ffengine.catalog import Product
 from ffengine.errors import FFError, IndexLoadError, WeightsError
 from ffengine.files import old_path, remove_stale_tmp, replace_dir, sha256_file, swap_in, write_atomic  # noqa: F401
 from ffengine.prior import Priors
-from ffengine.projection import DEFAULT_REDUCTION, Projection, Reduction, as_features, fits_float16
+from ffengine.productfile import ProductFile, ProductLineError
+from ffengine.projection import APPLY_CHUNK_ROWS, DEFAULT_REDUCTION, Projection, Reduction, as_features, fits_float16, l2_normalize
 from ffengine.search import BACKENDS, DEFAULT_BACKEND, DEFAULT_OPTIONS, PQ_MIN_ROWS, Searcher, effective_options  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -52,15 +56,18 @@ log = logging.getLogger(__name__)
 FORMAT = "ffengine-index"
 #: ``ffengine.weights.fingerprint``: weights hash, then preprocessing hash.
 FINGERPRINT = re.compile(r"[0-9a-f]{16}-[0-9a-f]{8}")
-VERSION = 4
-#: Versions :func:`read_manifest` accepts: 2 lacks the search file (trained again at load), 3 holds float32.
-READABLE_VERSIONS = (2, 3, 4)
+VERSION = 5
+#: Versions :func:`read_manifest` accepts: 2 lacks the search file (trained again at load), 3 holds float32,
+#: 4 lacks the pictures' hashes.
+READABLE_VERSIONS = (2, 3, 4, 5)
 #: Types ``features.npy`` may hold: float16 as written since version 4, float32 before.
 FEATURE_DTYPES = (np.float16, np.float32)
-ARRAY_FILES = ("features.npy", "projection_mean.npy", "projection_matrix.npy")
+FEATURES_FILE = "features.npy"
+ARRAY_FILES = (FEATURES_FILE, "projection_mean.npy", "projection_matrix.npy")
 SEARCH_FILE = "search.faiss"
 #: Version 2's searched vectors, which version 3 keeps in :data:`SEARCH_FILE`.
 VECTORS_FILE = "vectors.npy"
+IMAGES_FILE = "image_sha256.npy"
 PRODUCTS_FILE = "products.jsonl"
 MANIFEST_FILE = "manifest.json"
 
@@ -83,6 +90,7 @@ class Index:
         options: dict[str, Any] | None = None,
         priors: Priors | None = None,
         searcher: Searcher | None = None,
+        image_sha256: np.ndarray | None = None,
     ) -> None:
         # an index's float16 features (memory-mapped) stay so: Projection.apply converts what it projects
         stored = isinstance(features, np.ndarray) and features.dtype == np.float16 and features.ndim == 2 and features.shape[1] == projection.in_dim
@@ -93,14 +101,17 @@ class Index:
             raise ValueError("an index needs at least one product")
         if priors is not None and len(priors.product_group) != len(products):
             raise ValueError(f"priors cover {len(priors.product_group)} products, the index holds {len(products)}")
-        self.products = list(products)
+        self.products = products if isinstance(products, ProductFile) else list(products)
         self.projection = projection
         self.fingerprint = fingerprint
         self.backend = backend
-        self.options = effective_options(backend, options)
+        self.options = effective_options(backend, options, len(products))
         self.path = path
         self.manifest = manifest or {}
         self.priors = priors
+        self.image_sha256 = image_sha256
+        if image_sha256 is not None and (image_sha256.dtype != np.uint8 or image_sha256.shape != (len(products), 32)):
+            raise ValueError(f"image hashes {image_sha256.dtype}{image_sha256.shape} do not fit {len(products)} products")
         if searcher is None:
             vectors = projection.apply(self.features) if vectors is None else as_features(vectors, projection.out_dim, "vectors")
             searcher = Searcher.build(vectors, backend, self.options)
@@ -160,6 +171,8 @@ def write_index(
     priors: Priors | None = None,
     preprocess: dict[str, Any] | None = None,
     weights: dict[str, str] | None = None,
+    image_hashes: Sequence[str] | None = None,
+    trained: Searcher | None = None,
     **options: Any,
 ) -> Path:
     """Write an index directory atomically and return its path.
@@ -169,13 +182,18 @@ def write_index(
     ``shortlist``; defaults in :data:`DEFAULT_OPTIONS`). ``priors`` (:func:`ffengine.prior.fit_priors`)
     are stored beside the vectors. The manifest records ``preprocess`` (the model's, as JSON), so that
     an index made with other preprocessing is named as such, and ``weights`` (:func:`weights_record`),
-    so that the index can be used without naming its weights again.
+    so that the index can be used without naming its weights again. ``image_hashes`` (the pictures'
+    sha256, hex) let a later update reuse these features; ``trained``, a previous index's searcher, is
+    refilled with the new vectors instead of training one (:meth:`Searcher.build`).
     """
-    options = effective_options(backend, options)  # refused before any work
+    options = effective_options(backend, options, len(products))  # refused before any work
     out = Path(out_dir)
     features = checked_catalogue(features, products, out)
     recipe, proj = fitted(projection, features)
-    index = Index(features, products, fingerprint=fingerprint, projection=proj, backend=backend, options=options, priors=priors)
+    digests = image_digests(image_hashes, len(products)) if image_hashes is not None else None
+    searcher = Searcher.build(proj.apply(features), backend, options, trained=trained)
+    index = Index(features, products, fingerprint=fingerprint, projection=proj, backend=backend, options=options, priors=priors,
+                  searcher=searcher, image_sha256=digests)  # fmt: skip
     provenance = {"catalog_hash": catalog_hash, "preprocess": preprocess, "weights": weights}
     replace_dir(out, lambda folder: write_files(folder, index, recipe, provenance))
     return out
@@ -206,19 +224,33 @@ def fitted(projection: Projection | Reduction | None, features: np.ndarray) -> t
     return recipe, recipe.fit(features)
 
 
-def stored_features(features: np.ndarray) -> np.ndarray:
-    """The features as ``features.npy`` keeps them: float16 (half the bytes to hash and page in at load),
-    or float32 where float16 cannot hold them (:func:`fits_float16`)."""
-    return features if features.dtype == np.float16 or not fits_float16(features) else features.astype(np.float16)
+def image_digests(hashes: Sequence[str], n: int) -> np.ndarray:
+    """``(n, 32)`` uint8: the pictures' sha256 from their hex digests (ValueError unless one per product)."""
+    if len(hashes) != n:
+        raise ValueError(f"{len(hashes)} image hashes for {n} products")
+    return np.frombuffer(bytes.fromhex("".join(hashes)), np.uint8).reshape(n, 32)
+
+
+def stored_features(index: Index) -> dict[str, np.ndarray]:
+    """``{"features.npy": ...}`` as the index keeps them: nothing where the projection is the identity (the searched
+    vectors are the features), else normalised as the projection reads them, in float16 (half the bytes to hash
+    and page in at load) or float32 where float16 cannot hold them (:func:`fits_float16`)."""
+    if index.projection.is_identity:
+        return {}
+    features = index.features
+    if index.projection.normalize_input and features.dtype != np.float16:
+        features = np.concatenate([l2_normalize(features[at : at + APPLY_CHUNK_ROWS]) for at in range(0, len(features), APPLY_CHUNK_ROWS)])
+    return {FEATURES_FILE: features if features.dtype == np.float16 or not fits_float16(features) else features.astype(np.float16)}
 
 
 def write_files(folder: Path, index: Index, recipe: Reduction | None, provenance: dict[str, Any]) -> None:
     """Write the index's files into ``folder``, each flushed to the disk, the manifest vouching for them last."""
     arrays = {
-        "features.npy": stored_features(index.features),
+        **stored_features(index),
         "projection_mean.npy": index.projection.mean,
         "projection_matrix.npy": index.projection.matrix,
         **(index.priors.arrays() if index.priors is not None else {}),
+        **({IMAGES_FILE: index.image_sha256} if index.image_sha256 is not None else {}),
     }
     for name, arr in arrays.items():
         write_atomic(folder / name, lambda fh, a=arr: np.save(fh, a, allow_pickle=False), durable=True)
@@ -267,9 +299,11 @@ def load_index(path: Path, expect_fingerprint: str | None = None) -> Index:
         projection = Projection(arrays["projection_mean.npy"], arrays["projection_matrix.npy"], bool(manifest["projection"]["normalize_input"]))
         priors = Priors.from_files(manifest["priors"], lambda name: read_array(path / name), n) if manifest.get("priors") else None
         searcher = read_searcher(path, manifest, backend, options)
+        digests = read_array(path / IMAGES_FILE) if IMAGES_FILE in file_names(manifest) else None
+        features = arrays[FEATURES_FILE] if FEATURES_FILE in arrays else searcher.vectors  # type: ignore[union-attr]
         return Index(
-            arrays["features.npy"], products, fingerprint=fingerprint, projection=projection, backend=backend, manifest=manifest,
-            vectors=arrays.get(VECTORS_FILE), path=path, options=options, priors=priors, searcher=searcher,
+            features, products, fingerprint=fingerprint, projection=projection, backend=backend, manifest=manifest,
+            vectors=arrays.get(VECTORS_FILE), path=path, options=options, priors=priors, searcher=searcher, image_sha256=digests,
         )  # fmt: skip
     except (KeyError, TypeError, ValueError) as exc:
         raise IndexLoadError(f"Index {path} is corrupt: {exc}. Rebuild it with `ffengine index build`.") from None
@@ -278,7 +312,9 @@ def load_index(path: Path, expect_fingerprint: str | None = None) -> Index:
 def read_arrays(path: Path, manifest: dict[str, Any]) -> dict[str, np.ndarray]:
     """The index's arrays by file name (version 2's vectors too), each of the shape the manifest implies."""
     n, dim, vdim = manifest["count"], manifest["dim"], manifest["vector_dim"]
-    expected = {"features.npy": (n, dim), "projection_mean.npy": (dim,), "projection_matrix.npy": (dim, vdim)}
+    expected = {FEATURES_FILE: (n, dim), "projection_mean.npy": (dim,), "projection_matrix.npy": (dim, vdim)}
+    if FEATURES_FILE not in file_names(manifest):
+        del expected[FEATURES_FILE]
     if VECTORS_FILE in file_names(manifest):
         expected[VECTORS_FILE] = (n, vdim)
     arrays = {name: read_array(path / name, mapped=name == "features.npy") for name in expected}
@@ -318,13 +354,15 @@ def file_names(manifest: dict[str, Any]) -> list[str]:
     """Every file the index in ``manifest`` consists of, but the manifest."""
     search = VECTORS_FILE if manifest["version"] == 2 else SEARCH_FILE
     priors = Priors.file_names(manifest["priors"]) if manifest.get("priors") else []
-    return [*ARRAY_FILES, search, *priors, PRODUCTS_FILE]
+    images = [IMAGES_FILE] if IMAGES_FILE in manifest["files"] else []
+    arrays = [name for name in ARRAY_FILES if name != FEATURES_FILE or manifest["version"] < 5 or name in manifest["files"]]
+    return [*arrays, search, *priors, *images, PRODUCTS_FILE]
 
 
-def verified_products(path: Path, manifest: dict[str, Any]) -> list[Product]:
-    """The products, once every file of the index is there and matches its sha256 in the manifest
-    (IndexLoadError naming the first that does not). The other files hash in threads (hashlib lets go
-    of the GIL) while products.jsonl, checked first, is parsed: at 200k products each takes about a second."""
+def verified_products(path: Path, manifest: dict[str, Any]) -> ProductFile:
+    """The products (read on access), once every file of the index is there and matches its sha256 in the
+    manifest (IndexLoadError naming the first that does not). The other files hash in threads (hashlib lets
+    go of the GIL) while products.jsonl, checked first, has its lines found."""
     names = file_names(manifest)
     for name in names:
         if not (path / name).is_file():
@@ -339,10 +377,12 @@ def verified_products(path: Path, manifest: dict[str, Any]) -> list[Product]:
         digests = {name: pool.submit(sha256_file, path / name) for name in others}  # biggest first
         try:
             check(PRODUCTS_FILE, sha256_file(path / PRODUCTS_FILE))
-            products = read_products(path / PRODUCTS_FILE)
+            products = ProductFile(path / PRODUCTS_FILE)
             for name in names:
                 if name != PRODUCTS_FILE:
                     check(name, digests[name].result())
+        except ProductLineError as exc:
+            raise IndexLoadError(f"Index {path} is corrupt: {PRODUCTS_FILE} {exc}.") from None
         finally:
             for future in digests.values():
                 future.cancel()  # on an error, the files not started yet are not hashed for nothing
@@ -452,41 +492,3 @@ def read_array(file: Path, *, mapped: bool = False) -> np.ndarray:
         return np.load(file, mmap_mode="r" if mapped else None, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
         raise IndexLoadError(f"Index {file.parent} is corrupt: cannot read {file.name} ({exc}).") from None
-
-
-#: The fields of a :class:`Product`: a line holding exactly these is made a product without its ``__init__``.
-PRODUCT_FIELDS = frozenset(f.name for f in dataclasses.fields(Product))
-
-
-def read_products(file: Path) -> list[Product]:
-    """The products, one JSON object a line, in row order; IndexLoadError naming the first line that is not one.
-    Not validated field by field again (:meth:`Product.from_json`, slower than the rest of loading): the
-    manifest's sha256 vouches that this is the file :func:`write_index` wrote from validated products.
-    A line with every field of a product (as :meth:`Product.to_json` writes) becomes one by filling its
-    ``__dict__`` (a third of the time of ``Product(**row)``); others (older files) go through ``__init__``.
-    The garbage collector is off meanwhile: 200k new objects would set off full collections for nothing."""
-    text = file.read_text(encoding="utf-8").rstrip("\n")
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        try:
-            rows = json.loads("[" + text.replace("\n", ",\n") + "]")  # one parse of all lines, line numbers kept
-        except ValueError as exc:
-            raise IndexLoadError(f"Index {file.parent} is corrupt: {file.name} line {getattr(exc, 'lineno', '?')} is not JSON.") from None
-        del text
-        products = []
-        new = object.__new__
-        for number, row in enumerate(rows, 1):
-            if type(row) is dict and row.keys() == PRODUCT_FIELDS:
-                product = new(Product)
-                product.__dict__.update(row)
-                products.append(product)
-                continue
-            try:
-                products.append(Product(**row))
-            except TypeError as exc:  # not an object, or not a product's fields
-                raise IndexLoadError(f"Index {file.parent} is corrupt: {file.name} line {number} is not a product ({exc}).") from None
-        return products
-    finally:
-        if enabled:
-            gc.enable()

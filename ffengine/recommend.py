@@ -9,7 +9,7 @@ collapse into the first (nearest) one.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING
@@ -42,6 +42,8 @@ FAMILY_FIELD = "sub_category"
 Filters = Mapping[str, str | Collection[str]]
 #: Product fields a caller may filter on; a catalogue's extra columns (e.g. ``master_category``) work too.
 FILTER_FIELDS = ("category", "gender", "colour", "currency")
+#: Fields read for every product in one pass, the first time a filter, an item search or an id needs one.
+TABLE_FIELDS = (*FILTER_FIELDS, FAMILY_FIELD)
 
 
 @dataclass(frozen=True)
@@ -68,8 +70,30 @@ def normalise_filters(filters: Filters | None) -> dict[str, frozenset[str]]:
 
 def field_value(product: Product, name: str) -> str:
     """A product's value for a filter, case-folded ("" when absent)."""
-    value = getattr(product, name) if name in FILTER_FIELDS else product.extra.get(name)
+    return folded(getattr(product, name) if name in FILTER_FIELDS else product.extra.get(name))
+
+
+def folded(value: str | None) -> str:
+    """A field's value as filters compare it: stripped and case-folded, "" for none."""
     return (value or "").strip().casefold()
+
+
+@dataclass(frozen=True)
+class Column:
+    """One field of every product: ``codes (n,) int32`` into ``values``, its distinct values as the catalogue has them."""
+
+    codes: np.ndarray
+    values: list[str | None]
+
+    @classmethod
+    def of(cls, raw: Iterable[str | None]) -> Column:
+        seen: dict[str | None, int] = {}
+        codes = np.fromiter((seen.setdefault(value, len(seen)) for value in raw), dtype=np.int32)
+        return cls(codes, list(seen))
+
+    def matches(self, wanted: Collection[str]) -> np.ndarray:
+        """``(n,)`` bool: the products whose value, case-folded, is one of ``wanted``."""
+        return np.isin(self.codes, [code for code, value in enumerate(self.values) if folded(value) in wanted])
 
 
 @dataclass(frozen=True)
@@ -177,13 +201,32 @@ class Recommender:
         feats = np.asarray(self.index.features[row : row + 1], dtype=np.float32)  # float16 in a written index
         recs = self.recommend_features(feats, k + 1 + 4, None)[0]  # room for the product and copies of it
         products, features = self.index.products, self.index.features
-        others = [r for r in recs if not self.same_picture_as_any(self.row_by_id[r.product.id], [row], products, features)]
+        others = [r for r in recs if not same_picture_as_any(self.row_by_id[r.product.id], [row], products, features)]
         return feats[0], [Recommendation(r.product, r.distance, rank) for rank, r in enumerate(others[:k], 1)]
 
     @cached_property
+    def _table(self) -> tuple[dict[str, Column], dict[str, int]]:
+        """The :data:`TABLE_FIELDS` columns and the rows by product id, from one pass over the products (an
+        index reads its products on access, and at a million products that pass is what costs)."""
+        raw: dict[str, list[str | None]] = {name: [] for name in TABLE_FIELDS}
+        by_id: dict[str, int] = {}
+        for row, product in enumerate(self.index.products):
+            by_id[product.id] = row
+            for name in FILTER_FIELDS:
+                raw[name].append(getattr(product, name))
+            raw[FAMILY_FIELD].append(product.extra.get(FAMILY_FIELD))
+        return {name: Column.of(values) for name, values in raw.items()}, by_id
+
+    @property
     def row_by_id(self) -> dict[str, int]:
-        """Product id -> index row (built on the first "more like this")."""
-        return {p.id: i for i, p in enumerate(self.index.products)}
+        """Product id -> index row."""
+        return self._table[1]
+
+    def column(self, name: str) -> Column:
+        """Every product's ``name``: a filter field or a catalogue column (kept once some product has it)."""
+        columns = self._table[0]
+        column = columns.get(name) or Column.of(p.extra.get(name) for p in self.index.products)
+        return column if column.values == [None] else columns.setdefault(name, column)
 
     def item_rows(self, category: str, k: int) -> np.ndarray:
         """Rows an item of ``category`` is searched in: the category's, or its family's where the category is small."""
@@ -198,9 +241,10 @@ class Recommender:
     def family_of(self, category: str) -> str:
         """The family (:data:`FAMILY_FIELD`, case-folded) most of ``category``'s products have; "" without one."""
         if self._families is None:
+            categories, families = self.column("category"), self.column(FAMILY_FIELD)
             votes: dict[str, Counter[str]] = {}
-            for product in self.index.products:
-                votes.setdefault(field_value(product, "category"), Counter())[field_value(product, FAMILY_FIELD)] += 1
+            for (cat, family), count in Counter(zip(categories.codes.tolist(), families.codes.tolist(), strict=True)).items():
+                votes.setdefault(folded(categories.values[cat]), Counter())[folded(families.values[family])] += count
             self._families = {cat: count.most_common(1)[0][0] for cat, count in votes.items()}
         return self._families.get(category.strip().casefold(), "")
 
@@ -287,15 +331,12 @@ class Recommender:
         key = tuple(sorted(wanted.items(), key=lambda kv: kv[0]))
         mask = self._masks.get(key)
         if mask is None:
-            products = self.index.products
-            for name in wanted:
-                if name not in FILTER_FIELDS and not any(name in p.extra for p in products):
+            mask = np.ones(len(self.index), bool)
+            for name, values in wanted.items():
+                column = self.column(name)
+                if name not in FILTER_FIELDS and column.values == [None]:
                     raise ValueError(f"cannot filter on {name!r}: not one of {', '.join(FILTER_FIELDS)} nor a catalogue column")
-            mask = np.fromiter(
-                (all(field_value(p, name) in values for name, values in wanted.items()) for p in products),
-                dtype=bool,
-                count=len(products),
-            )
+                mask &= column.matches(values)
             if len(self._masks) >= 64:
                 self._masks.clear()
             self._masks[key] = mask
@@ -309,23 +350,27 @@ class Recommender:
         for d, row in zip(dist.tolist(), idx.tolist(), strict=True):
             if allowed is not None and not allowed[row]:
                 continue
-            if kept and self.same_picture_as_any(row, kept, products, feats):
+            product = products[row]  # read once: an index reads its products on access
+            if kept and (any(r.product.image == product.image for r in out) or same_features_as_any(row, kept, feats)):
                 continue
             kept.append(row)
-            out.append(Recommendation(products[row], float(d), len(out) + 1))
+            out.append(Recommendation(product, float(d), len(out) + 1))
             if len(out) == k:
                 break
         return out
 
-    @staticmethod
-    def same_picture_as_any(row: int, kept: list[int], products: list[Product], feats: np.ndarray) -> bool:
-        """Same image file as a kept row, or features within :data:`DUPLICATE_TOLERANCE` of one (relative)."""
-        image = products[row].image
-        if any(products[other].image == image for other in kept):
-            return True
-        others = feats[kept].astype(np.float32)  # (len(kept), d): one vectorised comparison per candidate (float16 in an index)
-        gaps = np.linalg.norm(others - feats[row], axis=1)
-        return bool((gaps <= DUPLICATE_TOLERANCE * np.maximum(np.linalg.norm(others, axis=1), 1e-6)).any())
+
+def same_picture_as_any(row: int, kept: list[int], products: Sequence[Product], feats: np.ndarray) -> bool:
+    """Same image file as a kept row, or features within :data:`DUPLICATE_TOLERANCE` of one: copies of a picture."""
+    image = products[row].image
+    return any(products[other].image == image for other in kept) or same_features_as_any(row, kept, feats)
+
+
+def same_features_as_any(row: int, kept: list[int], feats: np.ndarray) -> bool:
+    """Features within :data:`DUPLICATE_TOLERANCE` of a kept row's (relative to its length)."""
+    others = feats[kept].astype(np.float32)  # (len(kept), d): one vectorised comparison per candidate (float16 in an index)
+    gaps = np.linalg.norm(others - feats[row], axis=1)
+    return bool((gaps <= DUPLICATE_TOLERANCE * np.maximum(np.linalg.norm(others, axis=1), 1e-6)).any())
 
 
 def fetch_best(scores: list[np.ndarray], fetch: int) -> float:

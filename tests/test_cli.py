@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -315,3 +316,18 @@ def test_dotenv_paths_are_relative_to_its_folder(store: Path, tmp_path: Path, mo
     out, err = capsys.readouterr()
     assert code == 0, err
     assert out.startswith(f"{tmp_path / 'data' / 'index'}: {GOOD} products")
+
+
+def test_index_update_writes_a_new_index_embedding_only_the_new_picture(store: Path, tmp_path: Path) -> None:
+    shop = tmp_path / "shop"
+    shutil.copytree(store / "images", shop / "images")
+    lines = (store / "products.csv").read_text().splitlines()[: GOOD + 1]  # the good products
+    (shop / "images" / "new.jpg").write_bytes(make_image(99, size=(100, 150)))
+    rows = [lines[0], *lines[2:], "sku-new,New shirt,https://shop.example/new,images/new.jpg,Shirts,Men"]  # sku0 gone
+    (shop / "products.csv").write_text("\n".join(rows) + "\n")
+    proc = run("index", "update", "--catalog", "products.csv", "--index", str(store / "idx"), "--out", "idx2", "--quiet", cwd=shop)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{GOOD} products indexed (1 embedded, {GOOD - 1} reused from the previous index, 0 from cache" in proc.stdout
+    assert sorted(p.id for p in Index.load(shop / "idx2").products) == sorted([f"sku{i}" for i in range(1, GOOD)] + ["sku-new"])
+    same = run("index", "update", "--catalog", "products.csv", "--index", str(store / "idx"), "--out", str(store / "idx"), cwd=shop)
+    assert same.returncode == 2 and "writes a new index" in same.stderr

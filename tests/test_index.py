@@ -31,6 +31,7 @@ from ffengine.index import (
     sha256_file,
     write_index,
 )
+from ffengine.projection import l2_normalize
 from ffengine.search import Searcher
 
 DIM = 48
@@ -70,7 +71,8 @@ def rewrite_manifest(index_dir: Path, **changes: object) -> None:
     """Edit the manifest and re-sign every file, as a forger (or a buggy tool) would."""
     manifest = json.loads((index_dir / "manifest.json").read_text())
     manifest.update(changes)
-    manifest["files"] = {name: sha256_file(index_dir / name) for name in manifest["files"]}
+    names = {*manifest["files"], *(["features.npy"] if (index_dir / "features.npy").exists() else [])}  # one a test wrote too
+    manifest["files"] = {name: sha256_file(index_dir / name) for name in names}
     manifest["checksum"] = manifest_checksum(manifest)
     (index_dir / "manifest.json").write_text(json.dumps(manifest))
 
@@ -86,8 +88,8 @@ def test_round_trip_keeps_everything(built: tuple[Path, np.ndarray, list[Product
     out, feats, prods = built
     index = Index.load(out, expect_fingerprint="model-a")
     assert len(index) == 120
-    assert index.products == prods
-    np.testing.assert_array_equal(index.features, feats.astype(np.float16))  # stored in float16 since version 4
+    assert list(index.products) == prods and index.products[-1] == prods[-1] and index.products[5:7] == prods[5:7]
+    np.testing.assert_allclose(index.features, l2_normalize(feats).astype(np.float16))  # as the projection reads them, in float16
     np.testing.assert_allclose(index.vectors, index.projection.apply(feats), rtol=1e-5, atol=1e-6)
     m = index.manifest
     assert (m["fingerprint"], m["dim"], m["vector_dim"], m["backend"], m["catalog_hash"]) == ("model-a", DIM, 16, DEFAULT_BACKEND, "cat1")
@@ -192,7 +194,7 @@ def shortlisted(tmp_path: Path) -> tuple[Path, np.ndarray]:
 def test_the_faiss_file_is_checksummed_and_refused_when_corrupt(shortlisted: tuple[Path, np.ndarray]) -> None:
     out, _ = shortlisted
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["files"]["search.faiss"] == sha256_file(out / "search.faiss") and manifest["version"] == 4
+    assert manifest["files"]["search.faiss"] == sha256_file(out / "search.faiss") and manifest["version"] == 5
     data = bytearray((out / "search.faiss").read_bytes())
     data[len(data) // 2] ^= 0xFF
     (out / "search.faiss").write_bytes(bytes(data))
@@ -244,6 +246,7 @@ def test_version_2_indexes_still_load(shortlisted: tuple[Path, np.ndarray], back
     out, feats = shortlisted
     (out / "search.faiss").unlink()
     np.save(out / "vectors.npy", Projection.identity(DIM, normalize_input=True).apply(feats))
+    np.save(out / "features.npy", feats.astype(np.float16))  # every version before 5 had it
     manifest = json.loads((out / "manifest.json").read_text())
     del manifest["files"]["search.faiss"]
     manifest["files"]["vectors.npy"] = ""
@@ -333,7 +336,7 @@ def test_failure_mid_write_keeps_the_old_index(built: tuple[Path, np.ndarray, li
 
     def failing_save(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == 2:  # the projection matrix (an identity projection writes no features.npy)
             raise OSError(28, "No space left on device")
         return real_save(*args, **kwargs)
 
@@ -563,3 +566,28 @@ def test_features_float16_cannot_hold_stay_float32(tmp_path: Path) -> None:
     assert index.searcher.describe().endswith("re-ranked exactly")
     normal = Index.load(write_index(tmp_path / "n", tiny * np.float32(1e9), products(PQ_MIN_ROWS), fingerprint="m", catalog_hash="c", coarse_dims=8))
     assert normal.features.dtype == np.float16 and normal.vectors.dtype == np.float16
+
+
+def test_a_large_catalogue_scans_its_nearest_lists_and_searches_a_large_subset_through_them(tmp_path: Path) -> None:
+    from ffengine.search import IVF_MIN_ROWS, effective_options
+
+    rng = np.random.default_rng(5)
+    centres = rng.normal(size=(400, 32)).astype(np.float32)
+    vectors = centres[rng.integers(0, 400, IVF_MIN_ROWS)] + 0.3 * rng.normal(size=(IVF_MIN_ROWS, 32)).astype(np.float32)
+    options = effective_options("shortlist", {"coarse_dims": 16}, IVF_MIN_ROWS)
+    assert options == {"coarse_dims": 16, "shortlist": 500, "nprobe": 128}  # a large catalogue's defaults, but the named one
+    searcher = Searcher.build(vectors, "shortlist", options)
+    assert searcher.factory == "PCA16,IVF2048,PQ16x4fs,Refine(SQfp16)" and searcher.lists.nprobe == 128
+    assert searcher.describe() == "500 candidates from 16 4-bit codes of a 16-d PCA copy in the 128 nearest of 2048 lists, re-ranked by their float16 copies"
+    queries = vectors[:50] + 0.1
+    exact = np.sort(np.linalg.norm(vectors[None] - queries[:, None], axis=2), axis=1)[:, :5]
+    dist, _ = searcher.search(queries, 5)
+    assert np.mean(dist[:, 4] <= exact[:, 4] * (1 + 1e-3)) >= 0.9  # the 5th found is as near as the exact 5th
+
+    rows = np.arange(0, IVF_MIN_ROWS, 2)  # half the catalogue: through the lists
+    near, found = searcher.search_rows(queries, rows, 5)
+    flat_d, flat_rows = searcher.search_rows(queries, rows, 5, exact_rows=len(rows))  # the same, scanned
+    assert (found % 2 == 0).all() and (flat_rows % 2 == 0).all() and (np.diff(near, axis=1) >= 0).all()
+    assert np.mean(near[:, 4] <= flat_d[:, 4] * (1 + 1e-3)) >= 0.9
+    few = searcher.search_rows(queries[:1], np.array([7, 70_001, 150_003]), 5)[1]  # fewer rows than asked for: all of them
+    assert sorted(few[0].tolist()) == [7, 70_001, 150_003]

@@ -131,6 +131,31 @@ async def test_replicas_on_sqlite_follow_a_rollback_and_handle_a_redelivered_upd
         await fake.wait_for(lambda f: a.rows(finished, update["update_id"]) == [(1,)], 10)
 
 
+async def test_a_catalogue_update_is_a_version_both_replicas_follow_with_the_product_table(engine_files: EngineFiles, tmp_path: Path) -> None:
+    from ffengine.build import build_index
+    from ffengine.embedder import Embedder
+    from train.catalogue import update_catalogue_async
+
+    shop = tmp_path / "shop"
+    shutil.copytree(engine_files.catalog.parent, shop)
+    await asyncio.to_thread(build_index, shop / "products.csv", tmp_path / "day1", Embedder.load(str(engine_files.weights), "cpu"), progress=False)
+    async with FakeBotAPI(token=TOKEN) as fake, two_bots(fake, engine_files, tmp_path) as (a, b):
+        await a.svc.db.create_model_version("day1", str(engine_files.weights), str(tmp_path / "day1"))
+        await admin_says(fake, 0, "rollback", "day1", starts="✅ Now answering with day1")
+        assert await a.svc.db.set_photo_file_id("p1", "AgAD-old-photo") and await a.svc.db.set_photo_file_id("p2", "AgAD-kept")
+        lines = (shop / "products.csv").read_text().splitlines()  # the shop changes in place, overnight:
+        (shop / "images" / "new.jpg").write_bytes(make_image(77, size=(90, 120)))
+        (shop / "images" / "1.jpg").write_bytes(make_image(78, size=(120, 160)))  # p1's photo replaced under its name
+        rows = [lines[0], *lines[2:], "new-1,New arrival,https://shop.example/new-1,images/new.jpg,999,INR,Shirts"]  # p0 gone
+        (shop / "products.csv").write_text("\n".join(rows) + "\n")
+        result = await update_catalogue_async(a.svc.db, a.settings.engine, shop / "products.csv", name="day2")
+        assert (result.status, result.metrics["embedded"], result.metrics["reused"]) == ("promoted", 2, len(lines) - 3)
+        await fake.wait_for(lambda f: a.svc.models.current.name == b.svc.models.current.name == "day2", 5)
+        assert "new-1" in b.svc.models.current.recommender.row_by_id and "p0" not in a.svc.models.current.recommender.row_by_id
+        await fake.wait_for(lambda f: a.rows("SELECT title FROM products WHERE id='new-1'") == [("New arrival",)], 5)
+        assert await a.svc.db.get_photo_file_ids(["p1", "p2"]) == {"p2": "AgAD-kept"}  # p1's new photo is uploaded anew
+
+
 async def test_a_replica_that_cannot_load_the_new_version_keeps_serving_and_tells_the_admins(engine_files: EngineFiles, tmp_path: Path) -> None:
     broken = tmp_path / "broken-index"
     broken.mkdir()

@@ -27,7 +27,7 @@ from ffengine.errors import FFError
 from train.labels import DEFAULT_ATTRIBUTES
 
 #: Commands that load weights (the others only read the database): without FFENGINE_WEIGHTS, the index's own.
-LOADS_A_MODEL = ("finetune", "feedback", "simulate")
+LOADS_A_MODEL = ("finetune", "feedback", "simulate", "catalog")
 
 
 def progress_printer() -> Callable[[float, str], None]:
@@ -108,6 +108,12 @@ def parser() -> argparse.ArgumentParser:
     sim.add_argument("--rate-share", type=share, default=1.0, help="chance a shopper rates each result (default 1)")
     sim.add_argument("--metric-steps", type=positive, help="optimisation steps of the metric (default 200)")
     common(sim)
+
+    cat = sub.add_parser("catalog", help="a changed catalogue as a new active version: only new and changed pictures are embedded")
+    cat.add_argument("--catalog", type=Path, help="the whole catalogue as it is now, CSV/JSONL (default FFENGINE_CATALOG)")
+    cat.add_argument("--name", help="name of the new model version (default catalog-<UTC time>)")
+    cat.add_argument("--no-activate", action="store_true", help="register the new version but leave the active one")
+    common(cat)
 
     models = sub.add_parser("models", help="list model versions")
     common(models)
@@ -218,6 +224,18 @@ def with_db(url: str, work: Callable[[Any], Any]) -> Any:
     return asyncio.run(go())
 
 
+def cmd_catalog(args: argparse.Namespace, settings: EngineSettings, url: str) -> int:
+    from ffengine.errors import ConfigError
+    from train.catalogue import update_catalogue
+
+    catalog = args.catalog or settings.catalog
+    if catalog is None:
+        raise ConfigError("no catalogue: pass --catalog PRODUCTS_CSV or set FFENGINE_CATALOG")
+    result = update_catalogue(url, settings, Path(catalog), name=args.name, progress=progress_printer(), activate=not args.no_activate)
+    emit(f"{result.status}: {result.reason}", result.to_json(), args.json)
+    return 0
+
+
 def cmd_models(args: argparse.Namespace, settings: EngineSettings, url: str) -> int:
     from train.versions import describe
 
@@ -245,6 +263,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, EngineSettings, str], int]] = 
     "finetune": cmd_finetune,
     "feedback": cmd_feedback,
     "simulate": cmd_simulate,
+    "catalog": cmd_catalog,
     "models": cmd_models,
     "rollback": cmd_rollback,
 }

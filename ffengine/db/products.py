@@ -142,6 +142,22 @@ class ProductStore(Store):
 
         return await self._read(read)
 
+    async def forget_photo_file_ids(self, product_ids: Sequence[str]) -> int:
+        """Forget the Telegram ``file_id``s of these products (their pictures changed under the same
+        reference, which the upsert cannot see); how many were forgotten."""
+        ids = list(dict.fromkeys(product_ids))
+
+        async def write(session: AsyncSession) -> int:
+            forgotten = 0
+            for chunk in chunks(ids):
+                result = await session.execute(
+                    update(m.Product).where(m.Product.id.in_(chunk), m.Product.photo_file_id.is_not(None)).values(photo_file_id=None)
+                )
+                forgotten += result.rowcount  # type: ignore[attr-defined]
+            return forgotten
+
+        return await self._write(write) if ids else 0
+
     async def set_photo_file_id(self, product_id: str, file_id: str) -> bool:
         """Remember the photo's Telegram ``file_id`` so it is never uploaded twice.
 
