@@ -213,7 +213,8 @@ def build_index(
     )  # fmt: skip
     report = result.report
     index_started = time.perf_counter()
-    priors = fit_priors(result.features, [p.category for p in result.products], kind_head=embedder.kind_head, colours=result.colours)
+    previous_head = previous.priors.category_head if previous is not None and previous.priors is not None else None
+    priors = fit_priors(result.features, [p.category for p in result.products], kind_head=embedder.kind_head, colours=result.colours, category_head=previous_head)
     report.priors = priors.info if priors is not None else {}
     report.out_dir = write_index(
         out_dir,

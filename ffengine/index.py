@@ -5,10 +5,9 @@ FAISS, :class:`Index` ties them to the products and to the files below (:mod:`ff
 them atomically), and the names other modules use from those are importable from here. An index is a directory::
 
     manifest.json          what made it: model fingerprint, dims, backend, catalogue hash, sha256 of every file
-    features.npy           backbone features (n, 1280) in float16 (version 3: float32), memory-mapped at load,
-                           so train/ can re-project without re-reading images; L2-normalised when the projection
-                           normalises (their length never counts then). Not written when the projection is the
-                           identity: the features are then the searched vectors, kept once (in the search file)
+    features.npy           raw backbone features (n, 1280) in float16 (version 3: float32), memory-mapped at load,
+                           so train/ can re-project and an update reuse them without re-reading images (searching
+                           never reads them: they stay on disk while the process serves)
     search.faiss           the FAISS index, in FAISS's own format: the searched vectors ``projection.apply(features)``
                            (float16 for the shortlist's re-ranking; version 3: float32) and, for the shortlist, its
                            trained PCA and codes (loading trains nothing)
@@ -48,7 +47,7 @@ from ffengine.errors import FFError, IndexLoadError, WeightsError
 from ffengine.files import old_path, remove_stale_tmp, replace_dir, sha256_file, swap_in, write_atomic  # noqa: F401
 from ffengine.prior import Priors
 from ffengine.productfile import ProductFile, ProductLineError
-from ffengine.projection import APPLY_CHUNK_ROWS, DEFAULT_REDUCTION, Projection, Reduction, as_features, fits_float16, l2_normalize
+from ffengine.projection import DEFAULT_REDUCTION, Projection, Reduction, as_features, fits_float16
 from ffengine.search import BACKENDS, DEFAULT_BACKEND, DEFAULT_OPTIONS, PQ_MIN_ROWS, Searcher, effective_options  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -231,22 +230,16 @@ def image_digests(hashes: Sequence[str], n: int) -> np.ndarray:
     return np.frombuffer(bytes.fromhex("".join(hashes)), np.uint8).reshape(n, 32)
 
 
-def stored_features(index: Index) -> dict[str, np.ndarray]:
-    """``{"features.npy": ...}`` as the index keeps them: nothing where the projection is the identity (the searched
-    vectors are the features), else normalised as the projection reads them, in float16 (half the bytes to hash
-    and page in at load) or float32 where float16 cannot hold them (:func:`fits_float16`)."""
-    if index.projection.is_identity:
-        return {}
-    features = index.features
-    if index.projection.normalize_input and features.dtype != np.float16:
-        features = np.concatenate([l2_normalize(features[at : at + APPLY_CHUNK_ROWS]) for at in range(0, len(features), APPLY_CHUNK_ROWS)])
-    return {FEATURES_FILE: features if features.dtype == np.float16 or not fits_float16(features) else features.astype(np.float16)}
+def stored_features(features: np.ndarray) -> np.ndarray:
+    """The features as ``features.npy`` keeps them: float16 (half the bytes to hash and page in at load),
+    or float32 where float16 cannot hold them (:func:`fits_float16`)."""
+    return features if features.dtype == np.float16 or not fits_float16(features) else features.astype(np.float16)
 
 
 def write_files(folder: Path, index: Index, recipe: Reduction | None, provenance: dict[str, Any]) -> None:
     """Write the index's files into ``folder``, each flushed to the disk, the manifest vouching for them last."""
     arrays = {
-        **stored_features(index),
+        FEATURES_FILE: stored_features(index.features),
         "projection_mean.npy": index.projection.mean,
         "projection_matrix.npy": index.projection.matrix,
         **(index.priors.arrays() if index.priors is not None else {}),
@@ -300,9 +293,8 @@ def load_index(path: Path, expect_fingerprint: str | None = None) -> Index:
         priors = Priors.from_files(manifest["priors"], lambda name: read_array(path / name), n) if manifest.get("priors") else None
         searcher = read_searcher(path, manifest, backend, options)
         digests = read_array(path / IMAGES_FILE) if IMAGES_FILE in file_names(manifest) else None
-        features = arrays[FEATURES_FILE] if FEATURES_FILE in arrays else searcher.vectors  # type: ignore[union-attr]
         return Index(
-            features, products, fingerprint=fingerprint, projection=projection, backend=backend, manifest=manifest,
+            arrays[FEATURES_FILE], products, fingerprint=fingerprint, projection=projection, backend=backend, manifest=manifest,
             vectors=arrays.get(VECTORS_FILE), path=path, options=options, priors=priors, searcher=searcher, image_sha256=digests,
         )  # fmt: skip
     except (KeyError, TypeError, ValueError) as exc:
@@ -313,8 +305,6 @@ def read_arrays(path: Path, manifest: dict[str, Any]) -> dict[str, np.ndarray]:
     """The index's arrays by file name (version 2's vectors too), each of the shape the manifest implies."""
     n, dim, vdim = manifest["count"], manifest["dim"], manifest["vector_dim"]
     expected = {FEATURES_FILE: (n, dim), "projection_mean.npy": (dim,), "projection_matrix.npy": (dim, vdim)}
-    if FEATURES_FILE not in file_names(manifest):
-        del expected[FEATURES_FILE]
     if VECTORS_FILE in file_names(manifest):
         expected[VECTORS_FILE] = (n, vdim)
     arrays = {name: read_array(path / name, mapped=name == "features.npy") for name in expected}
@@ -355,8 +345,7 @@ def file_names(manifest: dict[str, Any]) -> list[str]:
     search = VECTORS_FILE if manifest["version"] == 2 else SEARCH_FILE
     priors = Priors.file_names(manifest["priors"]) if manifest.get("priors") else []
     images = [IMAGES_FILE] if IMAGES_FILE in manifest["files"] else []
-    arrays = [name for name in ARRAY_FILES if name != FEATURES_FILE or manifest["version"] < 5 or name in manifest["files"]]
-    return [*arrays, search, *priors, *images, PRODUCTS_FILE]
+    return [*ARRAY_FILES, search, *priors, *images, PRODUCTS_FILE]
 
 
 def verified_products(path: Path, manifest: dict[str, Any]) -> ProductFile:

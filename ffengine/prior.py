@@ -229,12 +229,14 @@ def fit_priors(
     min_class_count: int = MIN_CLASS_COUNT,
     seed: int = 0,
     colours: np.ndarray | None = None,
+    category_head: LinearHead | None = None,
 ) -> Priors | None:
     """The priors a catalogue supports: ``None`` when it has no category column and no kind head is given.
 
     Groups are the categories; a product without one is grouped by the kind its picture shows
     (with a kind head) or left in :data:`NO_GROUP`. ``colours`` (the pictures' histograms) are kept
     with them: with the category head they make a photo's items searchable (:mod:`ffengine.items`).
+    ``category_head``, a previous fit (an update), is kept if it has this catalogue's classes.
     """
     cats = [(c or "").strip() for c in categories]
     kinds = kind_head.proba(features) if kind_head is not None else None
@@ -246,7 +248,7 @@ def fit_priors(
     terms: list[Prior] = []
     info: dict[str, Any] = {}
     if sum(1 for n in Counter(c for c in cats if c).values() if n >= min_class_count) >= 2:
-        term, info["category"] = fit_category_prior(features, cats, groups, product_group, category_weight, min_class_count, seed)
+        term, info["category"] = fit_category_prior(features, cats, groups, product_group, category_weight, min_class_count, seed, category_head)
         terms.append(term)
     if kind_head is not None and kinds is not None:
         dist = np.stack([kinds[product_group == g].mean(axis=0) for g in range(len(groups))])
@@ -265,11 +267,14 @@ def fit_category_prior(
     weight: float,
     min_class_count: int,
     seed: int,
+    previous: LinearHead | None = None,
 ) -> tuple[Prior, dict[str, Any]]:
     """Softmax regression of the catalogue's categories on its features, and its held-out accuracy.
 
     Categories with fewer than ``min_class_count`` pictures share :data:`RARE_CLASS`; products
     without a category are not fitted on and their group gets the mean prediction of its pictures.
+    A ``previous`` head with the same classes is kept (an update changes a few products: fitting again
+    would cost more than the rest of the update and move little).
     """
     counts = Counter(c for c in cats if c)
     frequent = sorted(c for c, n in counts.items() if n >= min_class_count)
@@ -281,7 +286,8 @@ def fit_category_prior(
     # Held out from the well-stocked classes only, so that every category still teaches the fit.
     well_stocked = np.array([counts[cats[i]] >= 10 for i in labelled])
     held = (np.random.default_rng(seed).random(len(labelled)) < HOLDOUT_SHARE) & well_stocked
-    head = fit_head(x[~held], y[~held], classes, l2=CATEGORY_L2, max_iter=CATEGORY_ITERATIONS)
+    kept = previous is not None and list(previous.classes) == classes
+    head = previous if kept else fit_head(x[~held], y[~held], classes, l2=CATEGORY_L2, max_iter=CATEGORY_ITERATIONS)  # type: ignore[assignment]
     accuracy = float((head.log_proba(x[held]).argmax(1) == y[held]).mean()) if held.any() else None
     dist = np.zeros((len(groups), len(classes)), np.float32)
     for g, name in enumerate(groups):
@@ -289,7 +295,7 @@ def fit_category_prior(
             dist[g, index.get(name, len(frequent))] = 1.0
         else:  # products without a category: what their pictures look like
             dist[g] = head.proba(features[product_group == g]).mean(axis=0)
-    info = {"classes": len(classes), "rare_pooled": len(counts) - len(frequent), "heldout_accuracy": accuracy, "heldout": int(held.sum())}
+    info = {"classes": len(classes), "rare_pooled": len(counts) - len(frequent), "heldout_accuracy": accuracy, "heldout": int(held.sum()), "kept": kept}
     return Prior("category", head, dist, weight), info
 
 
@@ -299,7 +305,8 @@ def describe(info: dict[str, Any]) -> str:
     cat = info.get("category")
     if cat:
         acc = "" if cat.get("heldout_accuracy") is None else f", held-out accuracy {cat['heldout_accuracy']:.2f} on {cat['heldout']} products"
-        parts.append(f"category prior: {cat['classes']} classes ({cat['rare_pooled']} rare categories pooled){acc}")
+        kept = " (the previous index's fit)" if cat.get("kept") else ""
+        parts.append(f"category prior: {cat['classes']} classes ({cat['rare_pooled']} rare categories pooled){kept}{acc}")
     if info.get("kind"):
         parts.append(f"garment-kind prior: {info['kind']['classes']} kinds from the model")
     return "; ".join(parts) if parts else "no category prior (the catalogue has no category column)"

@@ -26,7 +26,7 @@ from ffengine.items import COLOUR_WEIGHT, Item, colour_histogram, colour_match, 
 if TYPE_CHECKING:  # torch is only needed once a photo is embedded
     from ffengine.embedder import Embedder
 
-#: Features closer than this (relative to their length) count as the same picture.
+#: Searched vectors closer than this (relative to their length) count as the same picture.
 DUPLICATE_TOLERANCE = 1e-4
 #: Candidates the index's shortlist gives the prior ranking (its bound on everything else).
 PRIOR_SHORTLIST = 400
@@ -200,8 +200,7 @@ class Recommender:
         row = self.row_by_id[product_id]
         feats = np.asarray(self.index.features[row : row + 1], dtype=np.float32)  # float16 in a written index
         recs = self.recommend_features(feats, k + 1 + 4, None)[0]  # room for the product and copies of it
-        products, features = self.index.products, self.index.features
-        others = [r for r in recs if not same_picture_as_any(self.row_by_id[r.product.id], [row], products, features)]
+        others = [r for r in recs if not same_picture_as_any(self.row_by_id[r.product.id], [row], self.index.products, self.index.vectors)]
         return feats[0], [Recommendation(r.product, r.distance, rank) for rank, r in enumerate(others[:k], 1)]
 
     @cached_property
@@ -344,7 +343,7 @@ class Recommender:
 
     def collapse(self, dist: np.ndarray, idx: np.ndarray, k: int, allowed: np.ndarray | None) -> list[Recommendation]:
         """Walk candidates nearest-first; skip filtered-out rows and duplicates of kept ones."""
-        products, feats = self.index.products, self.index.features
+        products, feats = self.index.products, self.index.vectors  # the vectors: searching never reads the raw features
         kept: list[int] = []
         out: list[Recommendation] = []
         for d, row in zip(dist.tolist(), idx.tolist(), strict=True):
@@ -361,13 +360,13 @@ class Recommender:
 
 
 def same_picture_as_any(row: int, kept: list[int], products: Sequence[Product], feats: np.ndarray) -> bool:
-    """Same image file as a kept row, or features within :data:`DUPLICATE_TOLERANCE` of one: copies of a picture."""
+    """Same image file as a kept row, or vectors within :data:`DUPLICATE_TOLERANCE` of one: copies of a picture."""
     image = products[row].image
     return any(products[other].image == image for other in kept) or same_features_as_any(row, kept, feats)
 
 
 def same_features_as_any(row: int, kept: list[int], feats: np.ndarray) -> bool:
-    """Features within :data:`DUPLICATE_TOLERANCE` of a kept row's (relative to its length)."""
+    """Vectors within :data:`DUPLICATE_TOLERANCE` of a kept row's (relative to its length)."""
     others = feats[kept].astype(np.float32)  # (len(kept), d): one vectorised comparison per candidate (float16 in an index)
     gaps = np.linalg.norm(others - feats[row], axis=1)
     return bool((gaps <= DUPLICATE_TOLERANCE * np.maximum(np.linalg.norm(others, axis=1), 1e-6)).any())

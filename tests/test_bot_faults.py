@@ -196,7 +196,7 @@ async def test_rollback_to_a_number_no_id_can_be_gets_a_clear_reply(engine_files
 async def test_a_corrupt_index_stops_start_up_before_it_is_registered(engine_files: EngineFiles, tmp_path: Path) -> None:
     index = tmp_path / "index"
     shutil.copytree(engine_files.index, index)
-    (index / "search.faiss").write_bytes(b"broken")
+    (index / "features.npy").write_bytes(b"broken")
     async with FakeBotAPI(token=TOKEN) as fake:
         with pytest.raises(FFError, match="corrupt"):
             async with start_bot(fake, engine_files, tmp_path, FFENGINE_INDEX=str(index)):

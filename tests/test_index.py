@@ -31,7 +31,6 @@ from ffengine.index import (
     sha256_file,
     write_index,
 )
-from ffengine.projection import l2_normalize
 from ffengine.search import Searcher
 
 DIM = 48
@@ -71,8 +70,7 @@ def rewrite_manifest(index_dir: Path, **changes: object) -> None:
     """Edit the manifest and re-sign every file, as a forger (or a buggy tool) would."""
     manifest = json.loads((index_dir / "manifest.json").read_text())
     manifest.update(changes)
-    names = {*manifest["files"], *(["features.npy"] if (index_dir / "features.npy").exists() else [])}  # one a test wrote too
-    manifest["files"] = {name: sha256_file(index_dir / name) for name in names}
+    manifest["files"] = {name: sha256_file(index_dir / name) for name in manifest["files"]}
     manifest["checksum"] = manifest_checksum(manifest)
     (index_dir / "manifest.json").write_text(json.dumps(manifest))
 
@@ -89,7 +87,7 @@ def test_round_trip_keeps_everything(built: tuple[Path, np.ndarray, list[Product
     index = Index.load(out, expect_fingerprint="model-a")
     assert len(index) == 120
     assert list(index.products) == prods and index.products[-1] == prods[-1] and index.products[5:7] == prods[5:7]
-    np.testing.assert_allclose(index.features, l2_normalize(feats).astype(np.float16))  # as the projection reads them, in float16
+    np.testing.assert_array_equal(index.features, feats.astype(np.float16))  # stored in float16 since version 4
     np.testing.assert_allclose(index.vectors, index.projection.apply(feats), rtol=1e-5, atol=1e-6)
     m = index.manifest
     assert (m["fingerprint"], m["dim"], m["vector_dim"], m["backend"], m["catalog_hash"]) == ("model-a", DIM, 16, DEFAULT_BACKEND, "cat1")
@@ -246,7 +244,6 @@ def test_version_2_indexes_still_load(shortlisted: tuple[Path, np.ndarray], back
     out, feats = shortlisted
     (out / "search.faiss").unlink()
     np.save(out / "vectors.npy", Projection.identity(DIM, normalize_input=True).apply(feats))
-    np.save(out / "features.npy", feats.astype(np.float16))  # every version before 5 had it
     manifest = json.loads((out / "manifest.json").read_text())
     del manifest["files"]["search.faiss"]
     manifest["files"]["vectors.npy"] = ""
@@ -336,7 +333,7 @@ def test_failure_mid_write_keeps_the_old_index(built: tuple[Path, np.ndarray, li
 
     def failing_save(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 2:  # the projection matrix (an identity projection writes no features.npy)
+        if len(calls) == 3:
             raise OSError(28, "No space left on device")
         return real_save(*args, **kwargs)
 

@@ -44,9 +44,13 @@ def shop(tmp_path_factory: pytest.TempPathFactory, random_embedder: Embedder) ->
     (root / "images").mkdir()
     for i in range(N):
         (root / "images" / f"{i}.jpg").write_bytes(make_image(seed=i, size=(40 + i % 50, 56)))
-    catalog = write_catalog(root / "products.csv", [row(f"p{i}", f"images/{i}.jpg") for i in range(N)])
+    catalog = write_catalog(root / "products.csv", [shop_row(i) for i in range(N)])
     build_index(catalog, root / "v1", random_embedder, progress=False)
     return root, catalog
+
+
+def shop_row(i: int) -> dict[str, str]:
+    return {**row(f"p{i}", f"images/{i}.jpg"), "category": "Jeans" if i % 2 else "Shirts"}
 
 
 def changed_catalogue(root: Path) -> Path:
@@ -54,13 +58,13 @@ def changed_catalogue(root: Path) -> Path:
     products, and one product renamed (its picture unchanged)."""
     new = root / "day2"
     shutil.copytree(root / "images", new / "images")
-    rows = [row(f"p{i}", f"images/{i}.jpg") for i in range(GONE, N)]
+    rows = [shop_row(i) for i in range(GONE, N)]
     for i in range(GONE, GONE + CHANGED):
         (new / "images" / f"{i}.jpg").write_bytes(make_image(seed=10_000 + i, size=(64, 64)))
     for j in range(ADDED):
         (new / "images" / f"new{j}.jpg").write_bytes(make_image(seed=20_000 + j, size=(70, 50)))
         rows.append(row(f"new{j}", f"images/new{j}.jpg"))
-    rows[-ADDED - 1] = row(rows[-ADDED - 1]["id"], rows[-ADDED - 1]["image"], title="Renamed shirt")
+    rows[-ADDED - 1]["title"] = "Renamed shirt"
     return write_catalog(new / "products.csv", rows)
 
 
@@ -93,6 +97,10 @@ def test_an_update_embeds_only_new_and_changed_pictures_and_keeps_the_trained_se
     for a, b in zip(trained(old), trained(new), strict=True):
         np.testing.assert_array_equal(a, b)
     row_old, row_new = [p.id for p in old.products].index("p500"), ids.index("p500")
+    np.testing.assert_array_equal(new.features[row_new], old.features[row_old])  # the raw features, not embedded again
+    assert new.priors.info["category"]["kept"] and new.priors.category_head is not None  # the category fit too
+    np.testing.assert_array_equal(new.priors.category_head.weight, old.priors.category_head.weight)
+    assert not fresh.priors.info["category"]["kept"]
     base_old, base_new = (faiss.downcast_index(i.searcher.index.base_index) for i in (old, new))
     np.testing.assert_array_equal(base_old.sa_encode(old.vectors[row_old : row_old + 1].astype(np.float32)),
                                   base_new.sa_encode(new.vectors[row_new : row_new + 1].astype(np.float32)))  # fmt: skip
@@ -109,10 +117,8 @@ def test_an_update_refuses_to_overwrite_its_source_and_an_index_without_picture_
         update_index(catalog, root / "v1", root / "v1", random_embedder, progress=False)
     legacy = tmp_path / "legacy"
     shutil.copytree(root / "v1", legacy)
-    np.save(legacy / "features.npy", np.asarray(Index.load(legacy).features))  # version 4 kept them in a file of their own
     manifest = json.loads((legacy / MANIFEST_FILE).read_text())
     del manifest["files"]["image_sha256.npy"]
-    manifest["files"]["features.npy"] = sha256_file(legacy / "features.npy")
     manifest["version"] = 4
     from ffengine.index import manifest_checksum
 
