@@ -606,8 +606,9 @@ async def test_stale_photo_file_ids_are_replaced(shop: Running) -> None:
     jpeg = make_image(55)
     await shop.search(130, jpeg)
     shown = await wait_file_ids_stored(shop, 130)
-    with contextlib.closing(sqlite3.connect(shop.data_dir / "ff.db")) as con, con:
-        con.execute("PRAGMA busy_timeout = 5000")
+    # BEGIN IMMEDIATE: a deferred transaction that reads before it writes fails at once ("database is locked",
+    # no busy wait) if the running bot commits in between
+    with contextlib.closing(sqlite3.connect(shop.data_dir / "ff.db", timeout=30, isolation_level="IMMEDIATE")) as con, con:
         con.executemany("UPDATE products SET photo_file_id='AgACAgStale' WHERE id=?", [(p,) for p in shown])
     await shop.search(131, jpeg)
     tries = shop.fake.calls_of("sendMediaGroup", chat_id=131)
