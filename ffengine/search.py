@@ -4,8 +4,8 @@
 copy of the vectors, scanned with SIMD lookup tables, pick ``shortlist`` candidates whose distances to
 the vectors kept in float16 give the answer; bench/index_speed.py measures how often that is the exact
 one. A large catalogue puts inverted lists in front of the codes (``PCA{c},IVF{lists},...``), so that a
-query scans the codes of its ``nprobe`` nearest lists only. ``exact`` is a flat float32 scan. FAISS holds the vectors: :attr:`Searcher.vectors` is a view of
-its storage (float16 for a shortlist), not a second copy. Version-3 indexes re-rank float32 vectors
+query scans the codes of its ``nprobe`` nearest lists only. ``exact`` is a flat float32 scan. FAISS holds
+the vectors: :attr:`Searcher.vectors` is a view of its storage (float16 for a shortlist), not a second copy. Version-3 indexes re-rank float32 vectors
 (``RFlat``) and are still read.
 Distances are Euclidean (not squared); ties go to the lower row. FAISS is imported on first use, so
 that commands which never search start without it.
@@ -142,7 +142,8 @@ class Searcher:
             lists = faiss.try_extract_index_ivf(index)
             index.train(sample_rows(vectors, max(TRAIN_ROWS, ROWS_PER_LIST * lists.nlist if lists else 0)))
         index.add(vectors)
-        return cls(index, options["shortlist"] if isinstance(index, faiss.IndexRefine) else None, options.get("nprobe"))
+        nprobe = options.get("nprobe", LARGE_OPTIONS["shortlist"]["nprobe"])  # lists for options that had none (an update that grew)
+        return cls(index, options["shortlist"] if isinstance(index, faiss.IndexRefine) else None, nprobe)
 
     @classmethod
     def read(cls, path: Path, options: dict[str, Any]) -> Searcher:
