@@ -68,11 +68,6 @@ def normalise_filters(filters: Filters | None) -> dict[str, frozenset[str]]:
     return out
 
 
-def field_value(product: Product, name: str) -> str:
-    """A product's value for a filter, case-folded ("" when absent)."""
-    return folded(getattr(product, name) if name in FILTER_FIELDS else product.extra.get(name))
-
-
 def folded(value: str | None) -> str:
     """A field's value as filters compare it: stripped and case-folded, "" for none."""
     return (value or "").strip().casefold()
