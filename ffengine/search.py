@@ -186,11 +186,12 @@ class Searcher:
 
         allowed = np.zeros(len(self.vectors), bool)
         allowed[rows] = True
-        k = min(k, int(allowed.sum()))
+        count = int(allowed.sum())
+        k = min(k, count)
         if k == 0:
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
         selector = faiss.IDSelectorBitmap(np.packbits(allowed, bitorder="little"))
-        if self.lists is not None and k <= self.shortlist and int(allowed.sum()) > exact_rows:  # type: ignore[operator]
+        if self.lists is not None and k <= self.shortlist and count > exact_rows:  # type: ignore[operator]
             lists = faiss.SearchParametersIVF(sel=selector, nprobe=self.lists.nprobe)
             params = faiss.IndexRefineSearchParameters(k_factor=1.0, base_index_params=faiss.SearchParametersPreTransform(index_params=lists))
             found = self.index.search(queries, self.shortlist, params=params)[1][:, :k]

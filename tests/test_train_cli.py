@@ -178,3 +178,12 @@ def test_usage_names_the_command_as_typed() -> None:
         env = {**os.environ, "PYTHONPATH": str(REPO)}  # this checkout's code, whatever the install points at
         proc = subprocess.run([str(script), "--help"], env=env, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0 and proc.stdout.startswith("usage: ffengine-train ")
+
+
+def test_catalog_makes_the_updated_catalogue_the_active_version(store: Path, tmp_path: Path, cli) -> None:
+    db = tmp_path / "ff.db"
+    result = last_json(cli(store, db, "catalog", "--catalog", str(store / "products.csv"), "--name", "cat-1", "--json"))
+    assert result["status"] == "promoted" and result["version"] == "cat-1"
+    assert (result["metrics"]["embedded"], result["metrics"]["reused"], result["metrics"]["index_products"]) == (0, 36, 36)
+    versions = last_json(cli(store, db, "models", "--json"))["versions"]
+    assert [(v["name"], v["active"]) for v in versions] == [("base", False), ("cat-1", True)]

@@ -226,12 +226,12 @@ def with_db(url: str, work: Callable[[Any], Any]) -> Any:
 
 def cmd_catalog(args: argparse.Namespace, settings: EngineSettings, url: str) -> int:
     from ffengine.errors import ConfigError
-    from train.catalogue import update_catalogue
+    from train.catalogue import update_catalogue_async
 
     catalog = args.catalog or settings.catalog
     if catalog is None:
         raise ConfigError("no catalogue: pass --catalog PRODUCTS_CSV or set FFENGINE_CATALOG")
-    result = update_catalogue(url, settings, Path(catalog), name=args.name, progress=progress_printer(), activate=not args.no_activate)
+    result = with_db(url, lambda db: update_catalogue_async(db, settings, Path(catalog), name=args.name, progress=progress_printer(), activate=not args.no_activate))
     emit(f"{result.status}: {result.reason}", result.to_json(), args.json)
     return 0
 

@@ -31,19 +31,6 @@ async def update_catalogue_async(
         return await run.finish(await _update(db, settings, catalog, name, run, activate))
 
 
-def update_catalogue(database_url: str, settings: EngineSettings, catalog: Path, **kwargs: object) -> TrainingResult:
-    """Blocking variant (CLI): its own database on a fresh event loop."""
-
-    async def go() -> TrainingResult:
-        db = await Database.open(database_url)
-        try:
-            return await update_catalogue_async(db, settings, catalog, **kwargs)  # type: ignore[arg-type]
-        finally:
-            await db.close()
-
-    return asyncio.run(go())
-
-
 async def _update(db: Database, settings: EngineSettings, catalog: Path, name: str | None, run: Run, activate: bool) -> TrainingResult:
     started = time.perf_counter()
     current = await ensure_current(db, settings)
