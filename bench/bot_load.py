@@ -84,7 +84,7 @@ class Watcher:
         if call.result is None:
             return False
         text, chat = call.params.get("text"), call.params.get("chat_id")
-        outcome = "ok" if text == self.results_text else self.refusals.get(text)
+        outcome = "ok" if (text or "").startswith(self.results_text) else self.refusals.get(text)  # "Looking for: ..." may follow
         fut = self.waiting.get(chat)
         if outcome and fut and not fut.done():
             fut.set_result((outcome, call.time))
@@ -174,7 +174,8 @@ async def level(conn: Connection, svc: Any, users: int, per_user: int, first_uid
 
 
 @contextlib.asynccontextmanager
-async def bot_running(root: str, args: argparse.Namespace, rate_limit: float) -> AsyncIterator[Any]:
+async def bot_running(root: str, args: argparse.Namespace, rate_limit: float, **extra: str) -> AsyncIterator[Any]:
+    """The bot against the fake Bot API at ``root``; ``extra``: more settings (variables and values)."""
     from bot.app import build_application
     from bot.config import BotSettings
     from bot.context import services
@@ -191,6 +192,7 @@ async def bot_running(root: str, args: argparse.Namespace, rate_limit: float) ->
         "FFENGINE_DEVICE": args.device,
         "FFENGINE_DATA_DIR": str(data),
         "BOT_RATE_LIMIT": f"{rate_limit:g}",
+        **extra,
     }
     settings = BotSettings.from_env(env)
     app = build_application(settings)

@@ -26,6 +26,7 @@ from bot.bootstrap import prepare
 from bot.config import BotSettings
 from bot.context import SERVICES, SETTINGS, BotServices, FFContext, Throttle
 from bot.handlers import admin, errors, help, items, privacy, rating, search
+from bot.limits import DecodePool, UserRate
 from bot.models import ActiveModel, ModelLoader, ModelSwitch
 from bot.replicas import ReplicaSync
 from bot.retrain import Retrainer, report_interrupted
@@ -102,6 +103,8 @@ async def open_services(app: Application) -> BotServices:
         batcher=batcher,
         retrainer=Retrainer(app, db, models, settings),
         replicas=ReplicaSync(db, models, settings, lambda what, where: errors.alert_admins(app, what, where)),
+        decoder=DecodePool(settings.decode_threads, max_waiting=settings.queue_size),
+        user_rate=UserRate(settings.user_searches_per_minute, settings.user_search_burst),
         error_alerts=Throttle(settings.error_notify_interval_s),
     )
 
@@ -111,6 +114,7 @@ async def close_services(svc: BotServices) -> None:
     await svc.retrainer.stop()
     await svc.replicas.stop()
     await svc.batcher.close()
+    await svc.decoder.close()
     await svc.background.drain()  # their database writes, before the database closes
     await svc.db.close()
     log.info("stopped: searches drained, database closed")

@@ -4,8 +4,9 @@
 when ``FFENGINE_INDEX`` holds none; the pair (``FFENGINE_WEIGHTS``, index) is loaded, so a
 broken one stops start-up before it is recorded, then registered as the base model version
 and activated. Without ``FFENGINE_WEIGHTS`` the index's own weights file is used (the one it
-records). Later runs find the active version and do nothing; so does a replica that starts
-together with another one which registered it first.
+records); an index holding products the database refuses (one an older importer wrote) stops it
+too, since the bot stores every product it serves. Later runs find the active version and do
+nothing; so does a replica that starts together with another one which registered it first.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from bot.models import ModelLoader
 from ffengine.db import Database, ModelVersion, StorageError
 from ffengine.errors import ConfigError
 from ffengine.index import MANIFEST_FILE
-from train.versions import BASE_VERSION, register_base, weights_spec
+from train.versions import BASE_VERSION, check_storable, register_base, weights_spec
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,8 @@ async def prepare(settings: BotSettings, db: Database, loader: ModelLoader) -> M
         return await db.activate_model_version(base.id)
     index_dir = await ensure_index(settings, loader)
     weights = weights_spec(settings.engine.with_index_weights(index_dir).weights)  # not relative to where the bot starts
-    await asyncio.to_thread(loader.recommender, weights, index_dir)  # FFError for a corrupt index or wrong weights
+    recommender = await asyncio.to_thread(loader.recommender, weights, index_dir)  # FFError: a broken index or weights
+    await asyncio.to_thread(check_storable, BASE_VERSION, recommender.index.products)
     try:
         version = await register_base(db, weights, index_dir, "registered on first start from FFENGINE_WEIGHTS and FFENGINE_INDEX")
     except StorageError:  # another replica starting at the same time registered it first

@@ -105,6 +105,12 @@ class BotSettings:
     batch_size: int = setting("BOT_BATCH_SIZE", 16, minimum=1)
     batch_wait_ms: int = setting("BOT_BATCH_WAIT_MS", 10)
     concurrent_updates: int = setting("BOT_CONCURRENT_UPDATES", 64, minimum=1)
+    #: Threads that decode shoppers' photos, apart from every other worker thread (:mod:`bot.limits`).
+    decode_threads: int = setting("BOT_DECODE_THREADS", 2, minimum=1)
+    #: Photos one user may send per minute once their burst is spent; 0 turns the limit off.
+    user_searches_per_minute: float = setting("BOT_USER_SEARCHES_PER_MINUTE", 20.0)
+    #: Photos one user may send back to back before the per-minute rate applies.
+    user_search_burst: int = setting("BOT_USER_SEARCH_BURST", 5, minimum=1)
     #: Outgoing requests per second over all chats (Telegram allows about 30); 0 disables.
     rate_limit: float = setting("BOT_RATE_LIMIT", 30.0)
     max_retries: int = setting("BOT_MAX_RETRIES", 3)

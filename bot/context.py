@@ -14,8 +14,10 @@ from telegram.ext import Application, CallbackContext, ExtBot
 
 from bot.batcher import SearchBatcher
 from bot.config import BotSettings
+from bot.limits import DecodePool, UserRate
 from bot.models import ActiveModel, ModelSwitch
 from bot.replicas import ReplicaSync
+from bot.turns import UserTurns
 from ffengine.db import Database
 
 if TYPE_CHECKING:
@@ -107,8 +109,11 @@ class BotServices:
     batcher: SearchBatcher[ActiveModel]
     retrainer: Retrainer
     replicas: ReplicaSync
+    decoder: DecodePool
+    user_rate: UserRate
     in_flight: set[int] = field(default_factory=set)  # users with a search running
     handling: set[int] = field(default_factory=set)  # update ids this process claimed (bot.updates)
+    turns: UserTurns = field(default_factory=UserTurns)  # each user's updates, in the order received (bot.turns)
     albums: RecentKeys = field(default_factory=RecentKeys)
     background: BackgroundTasks = field(default_factory=BackgroundTasks)
     error_alerts: Throttle = field(default_factory=lambda: Throttle(60.0))

@@ -163,11 +163,12 @@ class ModelSwitch:
     def current(self) -> ActiveModel:
         return self._current
 
-    async def activate(self, db: Database, version_id_or_name: int | str) -> ActiveModel:
+    async def activate(self, db: Database, version_id_or_name: int | str, *, replacing: int | None = None) -> ActiveModel:
         """Switch to a stored version: load it (off the loop), mark it active, then answer with it.
 
-        Raises ``NotFound`` for an unknown version and ``FFError`` when its files do not load;
-        in both cases the current model stays.
+        Raises ``NotFound`` for an unknown version, ``FFError`` when its files do not load, and
+        ``Superseded`` when ``replacing`` (a version id) is no longer the active one once it has loaded;
+        in each case the current model stays.
         """
         async with self._lock:
             version = await db.get_model_version(version_id_or_name)
@@ -175,7 +176,7 @@ class ModelSwitch:
                 raise NotFound(f"no model version {version_id_or_name!r}; /models lists them")
             model = await asyncio.to_thread(self.loader.load, version)
             await refresh_products(db, self._current, model)
-            await db.activate_model_version(version.id)
+            await db.activate_model_version(version.id, replacing=replacing)
             self._swap(model, version)
             return model
 

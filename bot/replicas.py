@@ -4,7 +4,9 @@ Every ``BOT_SYNC_INTERVAL`` seconds a replica writes its heartbeat (the model ve
 answers with) and compares its model with the database's active version, switching when they
 differ. On PostgreSQL it also ``LISTEN`` s, so a switch is heard at once rather than at the
 next tick; polling stays as the fallback (a dropped listening connection, SQLite). A version
-that does not load here is told to the admins once; the replica keeps its model.
+that this replica cannot switch to (its files do not load, or the database refuses its products)
+is told to the admins and logged once, with the reason, and not tried again until another version
+is made active: the replica keeps answering with its model.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ log = logging.getLogger(__name__)
 PRUNE_EVERY_S = 600.0  # old update claims and heartbeats go this often
 #: ``alert(what, where)``: tell the admins (``bot.handlers.errors.alert_admins``).
 Alert = Callable[[str, str], Awaitable[None]]
+FOLLOWING = "following the database's active model version"
 
 
 class ReplicaSync:
@@ -34,6 +37,7 @@ class ReplicaSync:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._pruned = float("-inf")
+        self._refused: int | None = None  # the active version's id when switching to it failed here
 
     async def start(self) -> None:
         """First heartbeat now (so /models lists this replica at once), then the loop in the background."""
@@ -89,12 +93,21 @@ class ReplicaSync:
             await self.db.prune_replicas_and_updates()
 
     async def _follow(self) -> None:
+        """Switch to the active version unless this replica serves it already, or failed to switch to it and no
+        other version was made active since."""
+        active = await self.db.active_model_version()
+        if active is not None and active.id != self._refused:
+            self._refused = None
+        if active is None or active.id in (self.models.current.version_id, self._refused):
+            return
         try:
             await self.models.follow(self.db)
-        except Exception as exc:  # any failure to load keeps the old model
+        except Exception as exc:  # any failure to switch keeps the old model
+            self._refused = active.id
             current = self.models.current.name
-            log.exception("replica %s cannot load the active model version; still answering with %s", self.name, current)
-            await self.alert(f"Replica {self.name} cannot load the active model version ({exc}); it keeps answering with {current}.", "following the database's active model version")
+            what = f"cannot load the active model version {active.name} ({exc})"
+            log.error("replica %s %s; still answering with %s", self.name, what, current, exc_info=True)
+            await self.alert(f"Replica {self.name} {what}; it keeps answering with {current}.", FOLLOWING)
 
     async def _listen(self) -> None:
         """Hold a ``LISTEN`` connection; reconnect (after an interval) whenever it is lost."""

@@ -27,7 +27,7 @@ from telegram.ext import Application
 from bot.config import BotSettings
 from bot.formatting import format_metrics
 from bot.models import ModelSwitch
-from ffengine.db import Database, TrainingRun
+from ffengine.db import Database, Superseded, TrainingRun
 from ffengine.errors import FFError
 from train.errors import TrainingLocked
 from train.runs import PROGRESS_MESSAGE, TrainingResult
@@ -167,7 +167,11 @@ class Retrainer:
             return f"ℹ️ No new model version.{details}"
         if not report.promoted:
             return f"ℹ️ Trained {report.version} but kept {self.models.current.name}.{details}"
-        model = await self.models.activate(self.db, report.version)
+        trained = await self.db.get_model_version(report.version)
+        try:  # only over the version it was trained from: a rollback made meanwhile stands
+            model = await self.models.activate(self.db, report.version, replacing=trained.parent_id if trained else None)
+        except Superseded as exc:
+            return f"ℹ️ Trained {report.version} but kept {self.models.current.name}: {exc}.{details}"
         return f"✅ Now answering with {model.name} ({len(model.index)} products).{details}"
 
 

@@ -19,6 +19,7 @@ DOWNLOAD_FAILED = "I couldn't download that picture from Telegram. Please try se
 ALBUM = "You sent several photos at once: I searched the first one. Send the others one at a time to search them too."
 ONE_AT_A_TIME = "⏳ One photo at a time, please: I'm still working on your previous one."
 BUSY = "😅 I'm very busy right now. Please try again in a minute."
+SLOW_DOWN = "🐢 That's a lot of photos at once. Please send the next one in {seconds} s."
 NO_RESULTS = "I couldn't find anything similar in the catalogue, sorry."
 RESULTS = "Here are the closest matches. Rate each with 👍 or 👎 (it helps me learn); 🔗 opens the product page, 🔁 finds more like it."
 LOOKING_FOR = "Something else in your photo? Looking for: {items} (tap it below)"
@@ -29,6 +30,7 @@ APOLOGY = "Sorry, something went wrong on my side. Please try again in a minute.
 
 RATED = {1: "👍 Thanks, noted!", -1: "👎 Thanks, noted!"}
 NOT_SAVED = "⚠️ I couldn't save that just now. Please tap it again in a minute."
+STORAGE_DOWN = "⚠️ I can't save anything just now, so I couldn't finish that. Please try again in a minute."
 NOT_YOURS = "These buttons belong to someone else's search."
 EXPIRED = "This button has expired. Send a new photo to search again."
 

@@ -15,6 +15,10 @@ A delivery that meets a claim is
 The same two handlers serve polling, where a restart fetches again the updates it had not
 confirmed. If the database cannot be reached the update is handled anyway: its own writes say
 so, and a duplicate is better than a lost search.
+
+The claim also enters the update in its user's turns (:mod:`bot.turns`) before its first
+``await``, and the finish leaves them: a /forget then waits for the user's updates received
+before it, and those received after it wait for the /forget (here, once claimed).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from telegram import Update
 from telegram.ext import ApplicationHandlerStop, BaseHandler, TypeHandler
 
 from bot.context import BotServices, FFContext
+from bot.handlers.privacy import erases
 
 log = logging.getLogger(__name__)
 CLAIM_GROUP = -1  # before every handler (they are in group 0)
@@ -36,23 +41,29 @@ MAX_WAIT_S = 60.0
 
 
 async def claim(update: object, context: FFContext) -> None:
-    """Group -1: stop here unless this replica is the one to handle ``update``."""
+    """Group -1: stop here unless this replica is the one to handle ``update``; then wait for an
+    earlier /forget of its user."""
     if not isinstance(update, Update):
         return
-    svc, update_id = context.services, update.update_id
+    svc, update_id, user = context.services, update.update_id, update.effective_user
     if update_id in svc.handling:
         log.info("update %d delivered again while this replica handles it: dropped", update_id)
         raise ApplicationHandlerStop
     svc.handling.add(update_id)
+    exclusive = erases(update)
+    if user is not None:
+        svc.turns.enter(user.id, update_id, exclusive=exclusive)  # before any await: in the order received
     try:
         mine = await claimed(svc, update_id)
     except Exception:  # database down: handling twice beats not at all
         log.warning("could not claim update %d; handling it unclaimed", update_id, exc_info=True)
-        return
+        mine = True
     if not mine:
-        svc.handling.discard(update_id)
+        release(svc, update)
         log.info("update %d delivered again; another delivery was handled: dropped", update_id)
         raise ApplicationHandlerStop
+    if user is not None and not exclusive and not await svc.turns.wait(user.id, update_id, MAX_WAIT_S):
+        log.warning("update %d: an earlier /forget of its user is still running; handling it anyway", update_id)
 
 
 async def claimed(svc: BotServices, update_id: int) -> bool:
@@ -84,7 +95,14 @@ async def finish(update: object, context: FFContext) -> None:
     except Exception:  # only a re-delivery's takeover depends on it
         log.warning("could not mark update %d finished", update.update_id, exc_info=True)
     finally:
-        svc.handling.discard(update.update_id)
+        release(svc, update)
+
+
+def release(svc: BotServices, update: Update) -> None:
+    """This process is done with ``update``: forget its claim and end its user's turn."""
+    svc.handling.discard(update.update_id)
+    if update.effective_user is not None:
+        svc.turns.leave(update.effective_user.id, update.update_id)
 
 
 def handlers() -> dict[int, list[BaseHandler]]:

@@ -2,7 +2,9 @@
 
 As in PTB's ``customwebhookbot`` example, with public aiohttp APIs only. Telegram sends the
 secret given to ``setWebhook`` in ``X-Telegram-Bot-Api-Secret-Token``; anything without it is
-refused (403) before its body is read, so nobody but Telegram can inject updates. A body that
+refused (403) before its body is read, so nobody but Telegram can inject updates. The header is
+compared as the bytes that came (aiohttp keeps a byte that is not UTF-8 as a surrogate), so a
+mangled one is refused like a wrong one. A body that
 is not a Telegram update (not JSON, nested too deep to parse, the wrong shape) is refused with
 400. ``GET /healthz`` reports the replica, its model version and queue depth for probes.
 
@@ -72,8 +74,8 @@ class WebhookServer:
         await self._runner.cleanup()
 
     async def on_update(self, request: web.Request) -> web.Response:
-        given = request.headers.get(SECRET_HEADER, "")
-        if not hmac.compare_digest(given.encode(), self.settings.webhook_secret.encode()):
+        given = request.headers.get(SECRET_HEADER, "").encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(given, self.settings.webhook_secret.encode()):
             log.warning("webhook: refused a request without the right secret token from %s", request.remote)
             return web.json_response({"ok": False, "error": "forbidden"}, status=403)
         update = await self.read_update(request)

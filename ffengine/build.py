@@ -16,7 +16,9 @@ a pipeline on an asyncio loop that only coordinates:
 
 A bounded number of images is in flight, so memory stays flat for any catalogue size.
 A photo that cannot be read, downloaded or decoded becomes a :class:`Problem` with the
-catalogue line number; everything else is embedded. :func:`embed_catalog` returns the
+catalogue line number, and so does anything else one product's picture raises on the way
+(a URL whose host name cannot be encoded, say): one bad row costs that row only. Everything
+else is embedded. :func:`embed_catalog` returns the
 features (``train/`` re-embeds a catalogue with a fine-tuned model this way);
 :func:`build_index` also writes the index directory with :func:`ffengine.index.write_index`.
 """
@@ -456,7 +458,7 @@ class _Run:
         self.colours = np.zeros((n, COLOUR_BINS), dtype=np.float16)
         self.hashes: list[str] = [""] * n
         self.failures: dict[int, Problem] = {}
-        self.embedded = self.cached = self.downloaded = self.revalidated = 0
+        self.embedded = self.cached = self.downloaded = self.revalidated = self.unexpected = 0
         self.bar = tqdm(total=n, unit="img", desc="embedding", file=sys.stderr, disable=not progress, mininterval=0.5, dynamic_ncols=True)
         self._waiting: list[tuple[str, np.ndarray, asyncio.Future[np.ndarray]]] = []
         self._producers = 0
@@ -497,8 +499,8 @@ class _Run:
             else:
                 source = product.image
             digest, feature, colour, pixels, fresh = await loop.run_in_executor(self.pool, self._inspect, source)
-        except (ImageRejected, FetchError) as exc:
-            self.failures[i] = Problem(self.read.lines[i], product.id, _describe(exc, product))
+        except Exception as exc:  # noqa: BLE001 - whatever one picture raises costs that row only
+            self.failures[i] = Problem(self.read.lines[i], product.id, self._fault(exc, product))
             self.bar.update()
             return
         self.hashes[i] = digest
@@ -512,6 +514,13 @@ class _Run:
         self.features[i] = feature
         self.colours[i] = colour
         self.bar.update()
+
+    def _fault(self, exc: Exception, product: Product) -> str:
+        """Why ``product``'s picture was skipped; an unforeseen error is also logged (with its traceback once)."""
+        if not isinstance(exc, (ImageRejected, FetchError)):
+            self.unexpected += 1
+            log.log(logging.WARNING if self.unexpected == 1 else logging.DEBUG, "skipping %s", product.id, exc_info=exc)
+        return _describe(exc, product)
 
     def _inspect(self, source: str | bytes) -> tuple[str, np.ndarray | None, np.ndarray, np.ndarray | None, bool]:
         """Worker thread: bytes -> ``(sha256, feature, colour histogram, pixels, embedded now)``.
@@ -593,11 +602,13 @@ def _embeds_inline(embedder: FeatureExtractor) -> bool:
     return bool(getattr(embedder, "wants_one_picture_per_thread", False))
 
 
-def _describe(exc: ImageRejected | FetchError, product: Product) -> str:
-    """A reason an admin can act on, naming the file or URL."""
+def _describe(exc: Exception, product: Product) -> str:
+    """A reason an admin can act on, naming the file or URL (and the error's type, when it is none of ours)."""
     where = redact_url(product.image) if product.is_remote else product.image
     if len(where) > 200:
         where = where[:200] + "..."
     if isinstance(exc, FetchError):
         return f"download failed ({exc}): {where}"
-    return f"{IMAGE_FAULTS.get(exc.reason, str(exc))}: {where}"
+    if isinstance(exc, ImageRejected):
+        return f"{IMAGE_FAULTS.get(exc.reason, str(exc))}: {where}"
+    return f"cannot use the picture ({type(exc).__name__}: {str(exc)[:120]}): {where}"

@@ -17,6 +17,15 @@ point: a local image must lie, after links are followed, in the catalogue's fold
 that :data:`~ffengine.config.IMAGE_ROOTS` names (else any file on the machine could be indexed
 and sent to shoppers as a product photo), and a product ``url`` that cannot be a link button
 (:func:`link_problem`) is dropped with a warning, keeping the product.
+
+What a product may hold is one set of field rules for the importer and the database
+(:data:`FIELD_LIMITS`, from which the ``products`` columns take their widths): a row the importer
+keeps is a row the bot can store when it starts or switches versions. A value too long for its
+field, or holding control characters (PostgreSQL refuses a NUL byte in text), costs the row where
+the product cannot do without it (:data:`ROW_FIELDS`: id, title, image, currency) and is cleared
+with a warning elsewhere (category, colour, gender: the product still sells without them). In
+free text (title, the extra columns) line breaks and tabs are kept and other control characters
+become spaces, with a warning. See :func:`field_problem`.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
+from types import MappingProxyType
 from urllib.parse import urlsplit
 
 from ffengine.config import IMAGE_ROOTS, env_image_roots
@@ -48,8 +58,30 @@ MAX_ID_LENGTH = 200
 MAX_URL_LENGTH = 1000
 #: Host suffixes reserved for local and private networks: never a shopper's link.
 LOCAL_SUFFIXES = ("localhost", "local", "internal", "home.arpa")
+#: The longest text each product field may hold, for the importer and the database alike: the
+#: ``products`` columns take their widths from here (:mod:`ffengine.db.models`; the id's column is wider).
+FIELD_LIMITS: Mapping[str, int] = MappingProxyType(
+    {
+        "id": MAX_ID_LENGTH,
+        "title": 100_000,
+        "url": MAX_URL_LENGTH,
+        "image": 100_000,
+        "category": 128,
+        "colour": 64,
+        "gender": 64,
+        "currency": 8,
+    }
+)
+#: Fields whose bad value costs the whole row; a bad value of any other field is cleared with a warning.
+ROW_FIELDS = frozenset({"id", "title", "image", "currency"})
+#: Fields of free text (besides the extra columns): line breaks and tabs are kept, other control characters
+#: become spaces.
+FREE_TEXT = frozenset({"title"})
 
+NUL = "\x00"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: Control characters that free text may not hold either (all but tab, line feed and carriage return).
+_FREE_TEXT_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _SPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f]")
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
 #: Lone surrogates are what ``errors="surrogateescape"`` makes of bytes that are not UTF-8.
@@ -160,8 +192,11 @@ class UnsafeImagePath(PermissionError):
 
 
 def is_http_url(value: str) -> bool:
-    """``http://host/...`` or ``https://host/...`` (the only remote images we fetch)."""
-    parts = urlsplit(value)
+    """``http://host/...`` or ``https://host/...`` (the only remote images we fetch); not one that cannot be parsed."""
+    try:
+        parts = urlsplit(value)
+    except ValueError:  # an unclosed "[" of an IPv6 host
+        return False
     return parts.scheme in ("http", "https") and bool(parts.netloc)
 
 
@@ -189,7 +224,10 @@ def link_problem(url: str | None) -> str | None:
         return f"url is longer than {MAX_URL_LENGTH} characters"
     if _SPACE_OR_CONTROL.search(url):
         return "url contains spaces or control characters"
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an unclosed "[" of an IPv6 host
+        return f"url cannot be parsed: {url[:80]!r}"
     if parts.scheme not in ("http", "https"):
         return f"url must be an http(s) link, got {url[:80]!r}"
     try:
@@ -272,8 +310,8 @@ def read_catalog(
             continue
         try:
             product, notes = product_from_row(row, roots)
-        except RowError as exc:
-            problems.append(Problem(line, _row_id(row), str(exc)))
+        except Exception as exc:  # noqa: BLE001 - whatever one row holds, it costs that row only
+            problems.append(Problem(line, _row_id(row), row_error(exc)))
             continue
         if product.id in first_line:
             problems.append(Problem(line, product.id, f"duplicate id (first seen on line {first_line[product.id]}); kept the first"))
@@ -343,7 +381,10 @@ def _jsonl_rows(text: str) -> Iterator[tuple[int, dict[str, object] | RowError]]
             continue
         try:
             obj = json.loads(line)
-        except ValueError as exc:
+        except RecursionError:
+            yield number, RowError("not valid JSON (nested too deeply)")
+            continue
+        except Exception as exc:  # noqa: BLE001 - a line the parser chokes on costs that line only
             yield number, RowError(f"not valid JSON ({exc.args[0] if exc.args else exc})")
             continue
         if not isinstance(obj, dict):
@@ -368,41 +409,91 @@ def product_from_row(row: Mapping[str, object], roots: Sequence[Path]) -> tuple[
     """
     if any(isinstance(v, str) and _NOT_UTF8.search(v) for v in row.values()):
         raise RowError("row is not UTF-8 text; save the file as UTF-8")
-    pid = _text(row, "id")
+    notes: list[str] = []
+    pid = _field(row, "id", notes)
     if pid is None:
         raise RowError("missing id")
-    if len(pid) > MAX_ID_LENGTH or _CONTROL.search(pid):
-        raise RowError(f"id must be at most {MAX_ID_LENGTH} printable characters")
-    title = _text(row, "title")
+    title = _field(row, "title", notes)
     if title is None:
         raise RowError("missing title")
     url = _text(row, "url")
-    notes = []
     if (unlinkable := link_problem(url)) is not None:
         notes.append(f"{unlinkable}; imported without a link")
         url = None
-    image = _text(row, "image")
+    image = _field(row, "image", notes)
     if image is None:
         raise RowError("missing image")
-    currency = _text(row, "currency")
+    image = _resolve_image(image, roots)
+    if (too_long := field_problem("image", image)) is not None:  # the resolved path is what is stored
+        raise RowError(too_long)
+    currency = _field(row, "currency", notes)
     if currency is not None:
         currency = currency.upper()
         if not _CURRENCY.match(currency):
             raise RowError(f"currency must be a 3-letter code such as EUR, got {currency[:20]!r}")
-    extra = {k: v for k, v in ((k, _text(row, k)) for k in row if k not in REQUIRED and k not in OPTIONAL) if v is not None}
+    extra_keys = [k for k in row if k not in REQUIRED and k not in OPTIONAL]
+    extra = {k: v for k, v in ((k, _field(row, k, notes)) for k in extra_keys) if v is not None}
     product = Product(
         id=pid,
         title=title,
         url=url,
-        image=_resolve_image(image, roots),
+        image=image,
         price=_price(row.get("price")),
         currency=currency,
-        category=_text(row, "category"),
-        colour=_text(row, "colour"),
-        gender=_text(row, "gender"),
+        category=_field(row, "category", notes),
+        colour=_field(row, "colour", notes),
+        gender=_field(row, "gender", notes),
         extra=extra,
     )
     return product, notes
+
+
+def field_problem(name: str, value: str) -> str | None:
+    """Why ``value`` cannot be the product field ``name`` (longer than :data:`FIELD_LIMITS` allows, or holding
+    control characters), or ``None``. Free text (:data:`FREE_TEXT`, the extra columns) may hold line breaks and tabs."""
+    limit = FIELD_LIMITS.get(name)
+    if limit is not None and len(value) > limit:
+        return f"{name} is longer than {limit} characters ({len(value)})"
+    found = (_FREE_TEXT_CONTROL if _is_free_text(name) else _CONTROL).search(value)
+    if found is None:
+        return None
+    what = "a NUL byte" if NUL in value else f"the control character {found.group()!r}"
+    return f"{name} contains {what}"
+
+
+def product_problems(product: Product) -> list[str]:
+    """What in a built ``product`` breaks the field rules: none for one this reader made, but an index
+    written by an older importer (or by hand) may hold such products, which the database then refuses."""
+    values = {**{name: getattr(product, name) for name in FIELD_LIMITS}, **product.extra}
+    found = (field_problem(name, value) for name, value in values.items() if isinstance(value, str))
+    return [problem for problem in found if problem is not None]
+
+
+def row_error(exc: Exception) -> str:
+    """The reason a row was skipped: a :class:`RowError` says it; anything else is named with its type."""
+    if isinstance(exc, RowError):
+        return str(exc)
+    return f"cannot read the row ({type(exc).__name__}: {str(exc)[:120]})"
+
+
+def _is_free_text(name: str) -> bool:
+    return name in FREE_TEXT or name not in FIELD_LIMITS
+
+
+def _field(row: Mapping[str, object], key: str, notes: list[str]) -> str | None:
+    """:func:`_text` held to the field rules (:func:`field_problem`): free text with control characters has them
+    made spaces; any other bad value raises :class:`RowError` in a :data:`ROW_FIELDS` field and is cleared elsewhere.
+    ``notes`` gets a line for each value changed or cleared."""
+    value = _text(row, key)
+    if value is None or (problem := field_problem(key, value)) is None:
+        return value
+    if _is_free_text(key) and len(value) <= FIELD_LIMITS.get(key, len(value)):  # only control characters
+        notes.append(f"{problem}; replaced by spaces")
+        return _FREE_TEXT_CONTROL.sub(" ", value).strip() or None
+    if key in ROW_FIELDS:
+        raise RowError(problem)
+    notes.append(f"{problem}; imported without it")
+    return None
 
 
 def _text(row: Mapping[str, object], key: str) -> str | None:
@@ -436,8 +527,7 @@ def _resolve_image(value: str, roots: Sequence[Path]) -> str:
     (``roots[0]``) with links followed, and refused unless it lies under one of ``roots``."""
     if is_http_url(value):
         return value
-    scheme = urlsplit(value).scheme
-    if "://" in value or (scheme and len(scheme) > 1):
+    if "://" in value or len(_scheme(value)) > 1:  # a one-letter "scheme" is a Windows drive
         raise RowError(f"image must be an http(s) URL or a local path, got {value[:80]!r}")
     try:
         path = (roots[0] / value).resolve()
@@ -448,13 +538,20 @@ def _resolve_image(value: str, roots: Sequence[Path]) -> str:
     return str(path)
 
 
+def _scheme(value: str) -> str:
+    try:
+        return urlsplit(value).scheme
+    except ValueError:  # "//[host": not a path either, but no scheme
+        return ""
+
+
 def _row_id(row: Mapping[str, object]) -> str | None:
     """The row's id for a problem report, if it has a usable one."""
     try:
         pid = _text(row, "id")
-    except RowError:
+    except Exception:  # noqa: BLE001 - a report names what it can
         return None
-    return pid[:MAX_ID_LENGTH] if pid else None
+    return pid[:MAX_ID_LENGTH] if pid and not _CONTROL.search(pid) else None
 
 
 def _preview(data: object) -> str:

@@ -22,6 +22,8 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 IMAGE_ROOTS = "FFENGINE_IMAGE_ROOTS"
 #: Hosts and networks the importer may download from although they are not public (comma-separated).
 FETCH_ALLOW = "FFENGINE_FETCH_ALLOW"
+#: Seconds one catalogue import may spend downloading images, all of them together (0: no deadline).
+FETCH_DEADLINE = "FFENGINE_FETCH_DEADLINE"
 _HOSTNAME = re.compile(r"(?=.{1,253}$)[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*")
 
 
@@ -178,6 +180,11 @@ def env_fetch_allow(env: Mapping[str, str] | None = None) -> FetchAllow:
     return env_setting(EngineSettings, "fetch_allow", env)
 
 
+def env_fetch_deadline(env: Mapping[str, str] | None = None) -> float | None:
+    """:data:`FETCH_DEADLINE` from ``env`` (default: the process environment) in seconds; ``None`` when it is 0."""
+    return env_setting(EngineSettings, "fetch_deadline_s", env) or None
+
+
 def env_image_roots(env: Mapping[str, str] | None = None) -> tuple[Path, ...]:
     """:data:`IMAGE_ROOTS` from ``env`` (default: the process environment), each an existing folder, resolved."""
     return env_setting(EngineSettings, "image_roots", env)
@@ -230,10 +237,13 @@ class EngineSettings:
     catalog: Path | None = setting("FFENGINE_CATALOG", None, parse=lambda raw, _: Path(raw))
     #: What computes features on CPU: ``auto`` (OpenVINO, else ONNX Runtime, else PyTorch), or one of them.
     runtime: str = setting("FFENGINE_RUNTIME", "auto", parse=check_runtime)
-    #: Read here so that a malformed value stops start-up; the catalogue reader and the importer
-    #: read the same variables themselves when not handed them (:func:`env_image_roots`, :func:`env_fetch_allow`).
+    #: Read here so that a malformed value stops start-up; the catalogue reader and the importer read the same
+    #: variables themselves when not handed them (:func:`env_image_roots`, :func:`env_fetch_allow`,
+    #: :func:`env_fetch_deadline`).
     image_roots: tuple[Path, ...] = setting(IMAGE_ROOTS, (), parse=parse_image_roots)
     fetch_allow: FetchAllow = setting(FETCH_ALLOW, FetchAllow(), parse=FetchAllow.parse)
+    #: A slow image server must not hold an import for hours: what is not downloaded by then is a skipped row.
+    fetch_deadline_s: float = setting(FETCH_DEADLINE, 3600.0)
 
     def __post_init__(self) -> None:
         if self.index_dir is None:

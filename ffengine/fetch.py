@@ -5,7 +5,9 @@ send an HTML error page with status 200. :class:`Fetcher` bounds concurrency, gi
 every attempt a timeout, caps the body size while streaming (before it is all in
 memory), and retries only what can succeed on a second try (timeouts, dropped
 connections, 408/429/5xx) with exponential backoff and jitter, honouring a short
-``Retry-After``. With an :class:`~ffengine.httpcache.HttpCache` it asks only for images
+``Retry-After``. A deadline for all downloads together (:data:`~ffengine.config.FETCH_DEADLINE`)
+bounds what a slow server can cost an import: past it, every image not yet downloaded fails at once.
+With an :class:`~ffengine.httpcache.HttpCache` it asks only for images
 that changed since the last download. It returns the raw bytes; whether they are a usable
 image is decided by :func:`ffengine.images.load_image`, the one place images are decoded.
 
@@ -37,7 +39,7 @@ from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
 from ffengine.catalog import is_public_address
-from ffengine.config import FETCH_ALLOW, FetchAllow, env_fetch_allow, normalise_host
+from ffengine.config import FETCH_ALLOW, FETCH_DEADLINE, FetchAllow, env_fetch_allow, env_fetch_deadline, normalise_host
 from ffengine.errors import FFError
 from ffengine.httpcache import CachedBody, HttpCache, Validators
 from ffengine.images import MAX_BYTES, format_mib
@@ -57,7 +59,7 @@ class FetchError(FFError):
     """An image could not be downloaded; ``reason`` is a short kind for reports and metrics.
 
     Kinds: ``http_<status>``, ``timeout``, ``connection``, ``too_large``, ``bad_url``,
-    ``redirects``, ``blocked_address``.
+    ``redirects``, ``blocked_address``, ``deadline``.
     """
 
     def __init__(self, message: str, reason: str) -> None:
@@ -153,21 +155,26 @@ class FetchSettings:
     user_agent: str = "FocusedFashion/0.1 (catalogue import)"
     #: Hosts and networks that may be fetched from although they are not public (a store's LAN image server).
     allow: FetchAllow = FetchAllow()
+    #: Seconds for all downloads of one :class:`Fetcher` together, retries and waits included; ``None``: no deadline.
+    deadline_s: float | None = None
 
     def __post_init__(self) -> None:
-        if self.concurrency < 1 or self.retries < 0 or self.max_bytes < 1 or self.timeout_s <= 0:
+        bad_deadline = self.deadline_s is not None and self.deadline_s <= 0
+        if self.concurrency < 1 or self.retries < 0 or self.max_bytes < 1 or self.timeout_s <= 0 or bad_deadline:
             raise ValueError(f"invalid fetch settings: {self}")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **limits: Any) -> FetchSettings:
-        """``limits`` (or the defaults) with ``allow`` read from :data:`~ffengine.config.FETCH_ALLOW`."""
-        return cls(allow=env_fetch_allow(env), **limits)
+        """``limits`` (or the defaults) with ``allow`` read from :data:`~ffengine.config.FETCH_ALLOW` and, unless
+        ``limits`` sets it, ``deadline_s`` from :data:`~ffengine.config.FETCH_DEADLINE`."""
+        return cls(allow=env_fetch_allow(env), **{"deadline_s": env_fetch_deadline(env), **limits})
 
 
 class Fetcher:
     """``async with Fetcher(settings) as f: data = await f.get(url)``.
 
-    At most ``settings.concurrency`` downloads run at once, however many callers wait.
+    At most ``settings.concurrency`` downloads run at once, however many callers wait; the
+    ``settings.deadline_s`` clock starts when the fetcher is entered.
     With a ``cache``, a stored copy is revalidated instead of downloaded again
     (see :mod:`ffengine.httpcache`). For reports: ``attempts`` counts HTTP attempts made,
     ``downloaded`` the bodies received, ``revalidated`` the stored bodies the server
@@ -181,9 +188,12 @@ class Fetcher:
         self._session: aiohttp.ClientSession | None = None
         self._resolver: _GuardedResolver | None = None
         self._slots = asyncio.Semaphore(self.settings.concurrency)
+        self._deadline: float | None = None
 
     async def __aenter__(self) -> Fetcher:
         s = self.settings
+        if s.deadline_s is not None:
+            self._deadline = asyncio.get_running_loop().time() + s.deadline_s
         self._resolver = _GuardedResolver(s.allow)
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=s.timeout_s, connect=s.connect_timeout_s),
@@ -202,9 +212,21 @@ class Fetcher:
             self._resolver = None
 
     async def get(self, url: str) -> bytes:
-        """The body of ``url``; raises :class:`FetchError` once retries are used up."""
+        """The body of ``url``; raises :class:`FetchError` once retries are used up or the deadline has passed."""
         if self._session is None:
             raise RuntimeError("use 'async with Fetcher(...)' before calling get()")
+        deadline = asyncio.timeout_at(self._deadline)
+        try:
+            async with deadline:
+                return await self._get(url)
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            late = f"not downloaded within the import's deadline ({FETCH_DEADLINE}={self.settings.deadline_s:g} s)"
+            raise FetchError(late, "deadline") from None
+
+    async def _get(self, url: str) -> bytes:
+        """:meth:`get` without the deadline: attempts with backoff until one succeeds or none is left."""
         s = self.settings
         stored = await asyncio.to_thread(self.cache.get, url, s.max_bytes) if self.cache is not None else None
         for attempt in range(s.retries + 1):
@@ -242,6 +264,8 @@ class Fetcher:
             raise
         except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError):
             raise FetchError(_BAD_URL, "bad_url") from None
+        except UnicodeError:  # the resolver's IDNA encoding refuses the host name (an empty label: "a..com")
+            raise FetchError("the host name is not a valid domain name", "bad_url") from None
         except TimeoutError:
             raise _Retryable(FetchError(f"no complete answer within {s.timeout_s:g} s", "timeout")) from None
         except aiohttp.ClientError as exc:

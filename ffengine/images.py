@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import stat
 import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from ffengine.errors import ImageRejected
 
@@ -45,6 +46,35 @@ REDUCIBLE_MODES = ("L", "LA", "RGB", "RGBA", "RGBX", "CMYK", "I", "F")
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
 #: Bytes asked of the kernel per read of a file.
 READ_CHUNK = MIB
+#: A JPEG decoder walks the picture's whole coefficient buffer once per scan, so a progressive file
+#: of thousands of tiny scans costs scans x pixels of CPU whatever its size. This bounds that
+#: product: an encoder's progressive scripts use about ten scans, so a 50 MP photo is well inside.
+JPEG_SCAN_PIXELS = 1_500_000_000
+#: Most scans a JPEG may have, however small the picture.
+MAX_JPEG_SCANS = 1_000
+#: Most marker segments a JPEG may have before its first picture ends (a photo has a few dozen);
+#: bounds the walk that counts the scans, which runs in Python.
+MAX_JPEG_SEGMENTS = 10_000
+#: TIFF lets a tile be larger than the picture, and libtiff allocates whole tiles: a tile may cover
+#: at most the picture, or this many pixels for small pictures (tiles of 256 or 512 are common).
+TILE_PIXELS = 4_000_000
+#: Where a JPEG's entropy-coded data ends: a marker other than a stuffed byte, fill or restart.
+_NEXT_MARKER = re.compile(rb"\xff+([^\x00\xff\xd0-\xd7])")
+#: A marker at a segment boundary (fill bytes allowed before it).
+_MARKER = re.compile(rb"\xff+([^\x00\xff])")
+#: Markers that stand alone, with no length: restarts, TEM and SOI.
+_STANDALONE = frozenset((0x01, 0xD8, *range(0xD0, 0xD8)))
+_SOS, _EOI = 0xDA, 0xD9
+#: EXIF orientation -> the transpose that shows the picture upright (as ``ImageOps.exif_transpose``).
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 ImageSource = bytes | bytearray | memoryview | str | os.PathLike[str]
 
@@ -145,7 +175,8 @@ def load_image(
     stay at least ``draft_side``), which is several times faster for phone photos and
     loses nothing at 224 px network input; other formats bigger than :data:`REDUCE_PIXELS`
     are shrunk the same way right after decoding (:func:`_reduce`). The size limits
-    (pixels, sides, aspect) are checked from the header, before any pixel is decoded.
+    (pixels, sides, aspect) are checked from the header, before any pixel is decoded, and so is
+    what the size does not show (:func:`_check_cost`: JPEG scans, TIFF tiles, decoders in Python).
 
     Raises :class:`ImageRejected` with a user-readable message on bad input.
     """
@@ -155,14 +186,14 @@ def load_image(
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=FORMATS)
             _check_size(*img.size, max_pixels)
+            _check_cost(img, data)
             if draft_side and img.format in ("JPEG", "MPO"):
                 img.draft("RGB", (draft_side, draft_side))
             img.seek(0)
             img.load()
             if draft_side:
                 img = _reduce(img, draft_side)
-            ImageOps.exif_transpose(img, in_place=True)
-            return _to_rgb(img)
+            return _to_rgb(_upright(img))
     except ImageRejected:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -191,6 +222,68 @@ def _check_size(width: int, height: int, max_pixels: int) -> None:
         )
     if max(width, height) > MAX_SIDE:
         raise ImageRejected(f"The image is too big ({shown}); each side may be at most {MAX_SIDE} pixels.", "bad_shape")
+
+
+def _check_cost(img: Image.Image, data: bytes) -> None:
+    """Refuse, before decoding, a picture whose decoding costs far more than its size says.
+
+    The probes of a progressive JPEG with thousands of scans, a TIFF with one huge tile and a BMP
+    run-length file (decoded by Pillow in Python, byte by byte) each cost seconds of CPU or a GiB
+    of memory from a picture that passes the size checks.
+    """
+    python_decoders = {tile.codec_name for tile in img.tile if tile.codec_name in Image.DECODERS}
+    if python_decoders:
+        raise ImageRejected(
+            f"This {img.format} encoding ({', '.join(sorted(python_decoders))}) is not supported; please send a JPEG or PNG photo.",
+            "unsupported",
+        )
+    pixels = img.width * img.height
+    if img.format in ("JPEG", "MPO"):
+        scans = jpeg_scans(data)
+        if scans > min(MAX_JPEG_SCANS, max(1, JPEG_SCAN_PIXELS // pixels)):
+            raise ImageRejected(f"This JPEG is built of {scans} scans, too many to open; please send an ordinary photo.", "too_costly")
+    if img.format == "TIFF":
+        tile = img.tag_v2.get(322, 0), img.tag_v2.get(323, 0)  # TileWidth, TileLength
+        if isinstance(tile[0], int) and isinstance(tile[1], int) and tile[0] * tile[1] > max(pixels, TILE_PIXELS):
+            raise ImageRejected(
+                f"This TIFF stores its {img.width}x{img.height} picture in {tile[0]}x{tile[1]} tiles, too large to open.", "too_costly"
+            )
+
+
+def jpeg_scans(data: bytes, max_segments: int = MAX_JPEG_SEGMENTS) -> int:
+    """How many scans (SOS segments) the first picture of the JPEG ``data`` has.
+
+    Walks the marker segments to the first EOI, skipping each scan's entropy-coded data with a
+    regular expression, so a thumbnail inside an EXIF block is not counted and the walk costs one
+    step per segment. A damaged file ends the walk early: the decoder then says what is wrong.
+    Raises :class:`ImageRejected` (``too_costly``) past ``max_segments`` segments.
+    """
+    pos, scans = 2, 0  # after SOI
+    for _ in range(max_segments):
+        marker = _MARKER.match(data, pos)
+        if marker is None or marker[1][0] == _EOI:
+            return scans
+        kind, pos = marker[1][0], marker.end()
+        if kind in _STANDALONE:
+            continue
+        pos += int.from_bytes(data[pos : pos + 2], "big")
+        if kind == _SOS:
+            scans += 1
+            end = _NEXT_MARKER.search(data, pos)
+            if end is None:
+                return scans
+            pos = end.start()
+    raise ImageRejected(f"This JPEG has more than {max_segments} parts, too many to open; please send an ordinary photo.", "too_costly")
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """The picture turned as its EXIF orientation says.
+
+    Not ``ImageOps.exif_transpose``: it writes the EXIF block back without the orientation, and a
+    block of millions of entries then costs seconds and a GiB. Only the one tag is read here.
+    """
+    method = _UPRIGHT.get(orientation) if isinstance(orientation := img.getexif().get(ExifTags.Base.Orientation), int) else None
+    return img.transpose(method) if method is not None else img
 
 
 def _reduce(img: Image.Image, draft_side: int) -> Image.Image:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sqlalchemy.exc import IntegrityError
 
-from ffengine.db import Database, NotFound, StorageError, TrainingBusy
+from ffengine.db import Database, NotFound, StorageError, Superseded, TrainingBusy
 from ffengine.db.training import LOG_MAX_CHARS
 
 
@@ -61,6 +61,18 @@ async def test_activation_switches_the_single_active_version(db: Database, db_pa
     with pytest.raises(NotFound):
         await db.activate_model_version("missing")
     assert active_rows(db_path) == ["a"]
+
+
+async def test_an_activation_over_a_version_no_longer_active_changes_nothing(db: Database, db_path: Path) -> None:
+    base = await db.create_model_version("base", "IMAGENET1K_V2", "ib", activate=True)
+    other = await db.create_model_version("other", "IMAGENET1K_V2", "io")
+    trained = await db.create_model_version("trained", "t.pth", "it", parent_id=base.id)
+    await db.activate_model_version("other")  # a rollback while "trained" was being loaded
+    with pytest.raises(Superseded, match="other is active"):
+        await db.activate_model_version(trained.id, replacing=base.id)
+    assert active_rows(db_path) == ["other"]
+    assert (await db.activate_model_version(trained.id, replacing=other.id)).active  # over the active one: switched
+    assert active_rows(db_path) == ["trained"]
 
 
 async def test_the_database_refuses_two_active_versions(db: Database) -> None:

@@ -180,6 +180,22 @@ def test_usage_names_the_command_as_typed() -> None:
         assert proc.returncode == 0 and proc.stdout.startswith("usage: ffengine-train ")
 
 
+def test_catalog_on_a_full_disk_says_so_in_one_line_and_changes_nothing(store: Path, tmp_path: Path, cli) -> None:
+    from tests.test_privacy_races import fill, small_disk
+
+    db = tmp_path / "ff.db"
+    with small_disk(tmp_path / "data") as data:
+        assert last_json(cli(store, db, "catalog", "--catalog", str(store / "products.csv"), "--name", "cat-1", "--json"))["status"] == "promoted"
+        fill(data)
+        failed = cli(store, db, "catalog", "--catalog", str(store / "products.csv"), "--name", "cat-full")
+        assert failed.returncode == 2
+        assert "No space left on device" in failed.stderr and "unchanged" in failed.stderr
+        assert "Traceback" not in failed.stderr and len(failed.stderr.strip().splitlines()) == 1, failed.stderr
+        assert not (data / "models" / "cat-full").exists()  # what the run wrote is gone
+    versions = last_json(cli(store, db, "models", "--json"))["versions"]
+    assert [(v["name"], v["active"]) for v in versions] == [("base", False), ("cat-1", True)]
+
+
 def test_catalog_makes_the_updated_catalogue_the_active_version(store: Path, tmp_path: Path, cli) -> None:
     db = tmp_path / "ff.db"
     result = last_json(cli(store, db, "catalog", "--catalog", str(store / "products.csv"), "--name", "cat-1", "--json"))

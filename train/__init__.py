@@ -20,7 +20,8 @@ For the bot (``/retrain``) — the same code as ``python -m train feedback``::
 
     RetrainResult(              # = train.runs.TrainingResult, also returned by the fine-tuning
         status: str,            # "promoted" | "rejected" (trained, not better) | "insufficient" (too little feedback)
-                                # | "unevaluated" (fine-tuning only: no labelled photos to compare on; not activated)
+                                # | "unevaluated" (registered, not activated: no labelled photos to compare on, or the
+                                #   version it was made from is no longer the active one: a rollback meanwhile stands)
         promoted: bool,         # status == "promoted": the new version should answer from now on
         version: str | None,    # the registered model version's name (None when nothing was trained)
         metrics: dict,          # searches, likes, dislikes, pairs, holdout_pairwise_before/after,

@@ -136,6 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FFError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk, an unwritable data folder: the run has removed what it wrote
+        print(f"error: {exc}; the active model version is unchanged", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted; the active model version is unchanged", file=sys.stderr)
         return 130

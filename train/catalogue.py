@@ -45,9 +45,7 @@ async def _update(db: Database, settings: EngineSettings, catalog: Path, name: s
     }  # fmt: skip
     await asyncio.to_thread(write_metrics, folder, {**metrics, "kind": KIND, "parent": current.name})
     reason = f"{name}: {report.products} products from {catalog.name} ({report.embedded} pictures embedded, {report.reused} reused from {current.name})"
-    version = await db.create_model_version(name, current.weights, str((folder / "index").resolve()), parent_id=current.id, metrics=metrics, notes=reason)
-    run.made.clear()
-    if activate:
-        await db.activate_model_version(version.id)
-    await run.step(1.0, reason)
-    return TrainingResult("promoted" if activate else "unevaluated", name, metrics, reason)
+    proposed = TrainingResult("promoted" if activate else "unevaluated", name, metrics, reason)
+    result = await run.register(proposed, current, current.weights, folder / "index", activate)
+    await run.step(1.0, result.reason)
+    return result

@@ -206,16 +206,11 @@ async def register_candidate(
     await asyncio.to_thread(_write_version, folder, candidate, index, metrics, current)
     status = "rejected" if worse else "promoted"
     reason = f"kept {current.name}: " + "; ".join(worse) if worse else f"{name} is not worse than {current.name} (" + describe_gain(metrics) + ")"
-    version = await db.create_model_version(
-        name, current.weights, str((folder / "index").resolve()), parent_id=current.id, metrics=metrics, notes=f"{status}: {reason}"
-    )
-    run.made.clear()  # registered: from here on the folder is a kept version
-    if status == "promoted" and activate:
-        await db.activate_model_version(version.id)
-        await run.step(1.0, f"{name} is now active")
-    else:
-        await run.step(1.0, f"{name} registered ({status})")
-    return TrainingResult(status, name, metrics, reason)
+    proposed = TrainingResult(status, name, metrics, reason)
+    result = await run.register(proposed, current, current.weights, folder / "index", activate)
+    done = f"{name} is now active" if result.promoted and activate else f"{name} registered ({result.status})"
+    await run.step(1.0, done)
+    return result
 
 
 def not_enough(counts: dict[str, int], opts: FeedbackOptions) -> str | None:

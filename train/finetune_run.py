@@ -130,14 +130,10 @@ async def _finetune(db: Database, settings: EngineSettings, catalog: Path, opts:
             status, reason = "rejected", f"kept {current.name}: precision@5 ({opts.eval_split}) {before:.3f} -> {after:.3f} is no gain"
     metrics["seconds"] = round(time.perf_counter() - started, 2)
     await asyncio.to_thread(write_metrics, folder, {**metrics, "kind": KIND, "parent": current.name})
-    version = await db.create_model_version(
-        name, str(weights.resolve()), str((folder / "index").resolve()), parent_id=current.id, metrics=metrics, notes=f"{status}: {reason}"
-    )
-    run.made.clear()
-    if status == "promoted" and activate:
-        await db.activate_model_version(version.id)
-    await run.step(1.0, reason)
-    return TrainingResult(status, name, metrics, reason)
+    proposed = TrainingResult(status, name, metrics, reason)
+    result = await run.register(proposed, current, str(weights.resolve()), folder / "index", activate)
+    await run.step(1.0, result.reason)
+    return result
 
 
 def kind_head_for(read: Any, backbone: Embedder, queries: Path, opts: FinetuneRunOptions, settings: EngineSettings) -> tuple[Any, dict[str, int]]:

@@ -6,7 +6,9 @@ holds across every host that shares the database; a file lock in the data folder
 Inside :func:`training_run` a run may write files into folders it lists in
 ``run.made``; if it fails (an exception, a cancellation) before it registers them as
 a model version, they are removed and the row is closed as ``failed`` with the error.
-Nothing that is active is touched by a failing run. A rejected version's files are
+Nothing that is active is touched by a failing run. A run registers its version with
+:meth:`Run.register`, which refuses one the bot could not answer with and promotes one only while
+the version the run started from is still active. A rejected version's files are
 removed once it is recorded (:func:`train.versions.keep_rejected`).
 
 A run whose process is killed can clean up nothing: its row stays ``running``, a
@@ -34,7 +36,14 @@ from ffengine.db import TrainingRun as RunRecord
 from ffengine.errors import FFError
 from train.errors import TrainingLocked
 from train.lock import run_lock
-from train.versions import keep_rejected, remove_partial_writes, remove_version_files
+from train.versions import (
+    Current,
+    check_servable,
+    keep_rejected,
+    remove_partial_writes,
+    remove_version_files,
+    superseded,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +64,9 @@ RUN_STATUS = {"promoted": "succeeded", "unevaluated": "succeeded", "rejected": "
 class TrainingResult:
     """The outcome of a training run (the bot's ``RetrainResult``; see :mod:`train`)."""
 
-    status: str  # promoted | rejected (not better) | insufficient (too little data) | unevaluated (nothing to compare on)
+    #: promoted | rejected (not better) | insufficient (too little data) | unevaluated (not activated: nothing to
+    #: compare on, or the version it was made from is no longer the active one)
+    status: str
     version: str | None  # the registered model version (None when nothing was trained)
     metrics: dict[str, Any]
     reason: str  # one sentence for people
@@ -101,6 +112,29 @@ class Run:
     def within(self, start: float, end: float, prefix: str) -> Progress:
         """A callback mapping 0..1 of a sub-task onto ``start..end`` of the run."""
         return lambda f, text: self.say(start + (end - start) * f, f"{prefix}: {text}")
+
+    async def register(
+        self, result: TrainingResult, parent: Current, weights: str, index_dir: Path, activate: bool
+    ) -> TrainingResult:
+        """Register the version ``result`` names, made from ``parent`` (and make it active when ``result`` is
+        promoted and ``activate``); returns the result that holds.
+
+        A version the bot could not answer with fails the run instead (:func:`~train.versions.check_servable`;
+        its files go). A promotion stands only while ``parent`` is still the active version: a version switched
+        to meanwhile (a rollback) stays active, and this one is registered as ``unevaluated``, saying why.
+        """
+        assert result.version is not None
+        name = result.version
+        await asyncio.to_thread(check_servable, name, weights, index_dir)
+        if result.promoted and (why := await superseded(self.db, parent)) is not None:
+            how = f"to use it: `python -m train rollback {name}`"
+            result = replace(result, status="unevaluated", reason=f"{name} registered but not activated: {why}; {how}")
+        await self.db.create_model_version(
+            name, weights, str(index_dir.resolve()), parent_id=parent.id, metrics=result.metrics,
+            notes=f"{result.status}: {result.reason}", activate=activate and result.promoted,
+        )  # fmt: skip
+        self.made.clear()  # registered: from here on its folder is a kept version
+        return result
 
     async def finish(self, result: TrainingResult) -> TrainingResult:
         """Close the row with what the run produced; returns ``result`` with the run id."""

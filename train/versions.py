@@ -5,6 +5,11 @@ A version is a row in ``model_versions`` (weights spec + index directory) and, w
 are never deleted by training; switching back is :func:`rollback`. A *rejected* version
 (trained, evaluated worse) keeps its row and metrics but not its files, unless
 ``TRAIN_KEEP_REJECTED=1`` (:func:`keep_rejected`) keeps them to be activated by hand.
+
+Only a version the bot can answer with is registered or switched to (:func:`check_servable`): its index
+loads, its weights file is there, and every product in it is one the database stores (the bot stores them
+all when it starts or switches). A run promotes its version only while the version it started from is
+still the active one (:func:`superseded`): a rollback made meanwhile stands.
 """
 
 from __future__ import annotations
@@ -15,13 +20,15 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ffengine.catalog import Product, product_problems
 from ffengine.config import EngineSettings, env_str
 from ffengine.db import Database, ModelVersion
+from ffengine.db.products import product_row
 from ffengine.errors import ConfigError
 from ffengine.files import write_atomic
 from ffengine.index import MANIFEST_FILE, Index, read_manifest, remove_stale_tmp
@@ -148,11 +155,47 @@ def write_metrics(folder: Path, metrics: dict[str, Any]) -> None:
 
 
 def check_loadable(version: ModelVersion) -> None:
-    """Refuse to switch to a version whose index is gone or broken (reads the manifest and checksums)."""
-    index_dir = Path(version.index_dir)
-    Index.load(index_dir)  # raises IndexLoadError with a clear message
-    if looks_like_path(version.weights) and not Path(version.weights).is_file():
-        raise TrainingError(f"model version {version.name}: its weights file {version.weights} is missing")
+    """Refuse to switch to a version the bot could not answer with (:func:`check_servable`)."""
+    check_servable(version.name, version.weights, Path(version.index_dir))
+
+
+def check_servable(name: str, weights: str, index_dir: Path) -> None:
+    """Blocking: refuse (an ``FFError``) the version ``name`` when its index is gone or broken (the manifest and
+    checksums are read), its weights file is missing, or a product in it is one the database refuses."""
+    index = Index.load(index_dir)  # raises IndexLoadError with a clear message
+    if looks_like_path(weights) and not Path(weights).is_file():
+        raise TrainingError(f"model version {name}: its weights file {weights} is missing")
+    check_storable(name, index.products)
+
+
+def check_storable(name: str, products: Sequence[Product]) -> None:
+    """Refuse (:class:`TrainingError`) the products of version ``name`` unless the database stores every one, as
+    the bot does when it starts or switches: by the importer's field rules and the database's own checks."""
+    bad = [f"product {product.id[:40]!r}: {problem}" for product in products for problem in storage_problems(product)]
+    if bad:
+        shown = "; ".join(bad[:3]) + (f" (and {len(bad) - 3} more)" if len(bad) > 3 else "")
+        raise TrainingError(f"model version {name} holds products the database refuses: {shown}; import them anew")
+
+
+def storage_problems(product: Product) -> list[str]:
+    """Why the database would refuse ``product``: the importer's field rules, else the database's own checks."""
+    problems = product_problems(product)
+    if not problems:
+        try:
+            product_row(product)
+        except (TypeError, ValueError) as exc:
+            problems.append(str(exc))
+    return problems
+
+
+async def superseded(db: Database, parent: Current) -> str | None:
+    """Why a version made from ``parent`` must not be activated: another version became active while it was
+    made (a rollback, say), which activating it would undo; ``None`` while ``parent`` is still the active one."""
+    active = await db.active_model_version()
+    if active is not None and active.id == parent.id:
+        return None
+    now = f"{active.name} is" if active else "none is"
+    return f"{parent.name}, which it was made from, is no longer the active version ({now})"
 
 
 async def rollback(db: Database, name: str) -> ModelVersion:

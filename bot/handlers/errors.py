@@ -1,4 +1,8 @@
-"""The Application's error handler: log with context, tell the admins (rate-limited), apologise."""
+"""The Application's error handler: log with context, tell the admins (rate-limited), apologise.
+
+Storage that cannot take a write now (down, restarting, its disk full) is no bug: the person
+is told it could not be saved instead of "something went wrong", and no traceback is logged.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from telegram.ext import Application
 from bot import texts
 from bot.context import SERVICES, SETTINGS, FFContext
 from bot.logs import RedactSecrets
+from ffengine.db import StorageUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +39,15 @@ async def on_error(update: object, context: FFContext) -> None:
     if isinstance(error, Forbidden):  # the user blocked the bot: nobody to apologise to, nothing to fix
         log.info("could not answer %s: %s", where, error.message)
         return
-    log.error("error while handling %s", where, exc_info=error)
+    storage_down = isinstance(error, StorageUnavailable)
+    if storage_down:
+        log.warning("storage unavailable while handling %s: %s", where, error)
+    else:
+        log.error("error while handling %s", where, exc_info=error)
     if isinstance(update, Update) and update.effective_chat is not None:
         try:
-            await context.bot.send_message(update.effective_chat.id, texts.APOLOGY)
+            reply = texts.STORAGE_DOWN if storage_down else texts.APOLOGY
+            await context.bot.send_message(update.effective_chat.id, reply)
         except TelegramError as exc:
             log.warning("could not apologise to chat %s: %s", update.effective_chat.id, exc)
     await alert_admins(context.application, f"{type(error).__name__}: {error}", where)

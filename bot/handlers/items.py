@@ -10,6 +10,8 @@ stored ``file_id`` and decoded in a worker thread, then its item's crop searched
 product's own features searched) waits in the batcher's queue and runs on its model thread,
 one search per user at a time like a photo. Each press is logged as a search with its
 origin, so its results can be rated too, and choosing an item is feedback for retraining.
+The origin is checked again as it is logged: a /forget (on another replica) may have erased
+it meanwhile, and then the shopper is told the button expired.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from bot.handlers.buttons import look_up, refuse
 from bot.handlers.search import Found, Refused, Upload, answer_search, fetch_image, log_refusal, log_search
 from bot.keyboards import ITEM_PREFIX, MORE_PREFIX, item_label, offered_items, parse_item, parse_more
 from bot.models import ActiveModel, Stale
-from ffengine.db import Origin, PressedItem, PressedRecommendation
+from ffengine.db import FeedbackRefused, Origin, PressedItem, PressedRecommendation
 
 log = logging.getLogger(__name__)
 ITEMS, MORE = "item presses", "more-like-this presses"
@@ -92,6 +94,9 @@ async def refine(update: Update, context: FFContext, origin: Origin, find: Calla
     except Refused as refused:
         await log_refusal(svc, user_id, None, started, refused.outcome, origin=origin)
         await context.bot.send_message(chat_id, refused.reply)
+    except FeedbackRefused as exc:  # erased since it was pressed; the press was answered, so say it here
+        log.info("a search from a press of user %s was not logged: %s", user_id, exc)
+        await context.bot.send_message(chat_id, texts.EXPIRED)
 
 
 async def on_model_thread(svc: BotServices, fn: Callable[[ActiveModel], T]) -> tuple[ActiveModel, T]:

@@ -1,10 +1,11 @@
 """A photo (or an image file) in, five products and a rating keyboard out, with buttons for
 the other garments the engine saw in the photo (:mod:`bot.handlers.items` answers those).
 
-Bad input never reaches the model: size is checked before downloading, the picture is
-decoded in a worker thread by :func:`ffengine.images.load_image` (which refuses bombs and
-broken files), and every refusal is answered with a friendly line and logged as a search
-with its outcome kind. The model work itself goes through the shared
+Bad input never reaches the model: a user sending photos faster than a person would is told
+to slow down (:class:`~bot.limits.UserRate`), size is checked before downloading, the picture is
+decoded on threads of its own (:class:`~bot.limits.DecodePool`) by
+:func:`ffengine.images.load_image` (which refuses bombs and broken files), and every refusal
+is answered with a friendly line and logged as a search with its outcome kind. The model work itself goes through the shared
 :class:`~bot.batcher.SearchBatcher`; a full queue or a user who already has a search
 running get an immediate "busy" / "one at a time" instead of waiting in line.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -31,9 +33,10 @@ from bot.album import send_album
 from bot.batcher import QueueFull
 from bot.context import BotServices, FFContext
 from bot.keyboards import ItemButton, RatingItem, offered_items, rating_keyboard, without_links
+from bot.limits import DecodeBusy
 from ffengine.db import Origin, SearchRecord
 from ffengine.errors import ImageRejected
-from ffengine.images import load_image, mib
+from ffengine.images import mib
 from ffengine.recommend import Recommendation
 
 log = logging.getLogger(__name__)
@@ -130,6 +133,9 @@ async def search_and_answer(update: Update, context: FFContext, upload: Upload, 
     if user.id in svc.in_flight:
         await message.reply_text(texts.ONE_AT_A_TIME)
         return
+    if wait := svc.user_rate.wait_s(user.id):
+        await message.reply_text(texts.SLOW_DOWN.format(seconds=math.ceil(wait)))
+        return
     started = time.perf_counter()
     try:
         await answer_search(context, user.id, message.chat_id, lambda: _find(svc, context.bot, user.id, upload, started), note)
@@ -142,7 +148,7 @@ async def answer_search(context: FFContext, user_id: int, chat_id: int, find: Ca
     """``find`` while holding the user's one search slot (the caller saw it free), then the answer.
 
     The slot frees once the search is logged, not once the album is sent: the model work is
-    over by then, and /forget (which waits for the slot) must not run before the log line lands.
+    over by then (a /forget waits for the whole update instead, :mod:`bot.turns`).
     :class:`Refused` is the caller's to answer.
     """
     svc = context.services
@@ -158,10 +164,12 @@ async def answer_search(context: FFContext, user_id: int, chat_id: int, find: Ca
 
 
 async def fetch_image(svc: BotServices, bot: Bot, upload: Upload) -> Image.Image:
-    """Download and decode (in a worker thread) the picture, or :class:`Refused`."""
+    """Download and decode (on the decode threads, :class:`~bot.limits.DecodePool`) the picture, or :class:`Refused`."""
     data = await download(bot, upload, svc.settings.max_download_bytes)
     try:
-        return await asyncio.to_thread(load_image, data, max_bytes=svc.settings.max_download_bytes)
+        return await svc.decoder.decode(data, svc.settings.max_download_bytes)
+    except DecodeBusy:
+        raise Refused("busy", texts.BUSY) from None
     except ImageRejected as exc:
         raise Refused(exc.reason, texts.BAD_IMAGE.format(reason=exc)) from None
 

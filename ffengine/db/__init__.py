@@ -11,6 +11,7 @@ from ffengine.db.errors import (
     NotFound,
     StorageError,
     StorageUnavailable,
+    Superseded,
     TrainingBusy,
 )
 from ffengine.db.migrate import upgrade_to_head
@@ -54,6 +55,7 @@ __all__ = [
     "Stats",
     "StorageError",
     "StorageUnavailable",
+    "Superseded",
     "StoredItem",
     "TrainingBusy",
     "TrainingRun",

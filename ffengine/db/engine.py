@@ -15,7 +15,8 @@ refuses write transactions (and new connections) once the path names another fil
 
 PostgreSQL connections are pinged when taken from the pool, so a server restart costs
 the pool its stale connections, not the next request; :func:`is_unreachable` tells
-"the server is gone" from a refused statement.
+"the server is gone" from a refused statement, and :func:`is_out_of_space` "it has no room
+to write" (a full disk): both mean "cannot save now", not a bug.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ TRANSIENT_SQLSTATES = {"40001", "40P01"}  # serialization failure, deadlock (Pos
 #: (shutting down, starting up, crashed).
 UNREACHABLE_SQLSTATES = ("08", "57P")
 DISCONNECT_SQLSTATES = {"57P01", "57P02"}  # terminated by an administrator's shutdown, by a crash
+OUT_OF_SPACE_SQLSTATES = {"53100"}  # disk_full (PostgreSQL)
+SQLITE_FULL = "database or disk is full"  # SQLITE_FULL: the disk (or max_page_count) has no room
 #: What the Python package of each async driver is installed by (``pip install 'focusedfashion[...]'``).
 DRIVER_EXTRAS = {"asyncpg": "postgres"}
 
@@ -213,6 +216,13 @@ def is_disconnect(err: BaseException | None) -> bool:
     if not isinstance(err, DBAPIError):
         return False
     return err.connection_invalidated or _sqlstate(err) in DISCONNECT_SQLSTATES
+
+
+def is_out_of_space(err: BaseException) -> bool:
+    """The database has no room to write: its disk is full (or SQLite's ``max_page_count`` reached)."""
+    if not isinstance(err, DBAPIError):
+        return False
+    return SQLITE_FULL in str(err.orig).lower() or _sqlstate(err) in OUT_OF_SPACE_SQLSTATES
 
 
 def is_unreachable(err: BaseException) -> bool:

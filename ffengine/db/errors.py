@@ -26,6 +26,11 @@ class FeedbackRefused(StorageError):
         self.reason = reason
 
 
+class Superseded(StorageError):
+    """A version was not activated: the one it was to replace is no longer the active one (a rollback
+    or another replica's switch came first, and stands)."""
+
+
 class StorageUnavailable(StorageError):
     """The database cannot take the request now (server down, connection lost, file deleted
     or replaced); nothing was written. Callers tell the person it was not saved."""

@@ -15,11 +15,16 @@ from typing import Any, ClassVar
 import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from ffengine.catalog import FIELD_LIMITS
+
 EMBEDDING_DIM = 1280  # == ffengine.embedder.FEATURE_DIM (kept here so storage never imports torch)
 EMBEDDING_BYTES = EMBEDDING_DIM * 4  # float32
-PRODUCT_ID_MAX = 255  # >= ffengine.catalog.MAX_ID_LENGTH
+PRODUCT_ID_MAX = 255  # as the migrations made the column: wider than the importer's ids (FIELD_LIMITS["id"])
+#: The longest text of each product field: the importer's own limits (``ffengine.catalog.FIELD_LIMITS``), so that
+#: every row it accepts fits the ``products`` columns; ``ffengine.db.products`` checks rows against them.
+PRODUCT_FIELD_MAX = FIELD_LIMITS
 TRAINING_STATUSES = ("running", "succeeded", "failed", "rejected")
-CATEGORY_MAX = 128  # == Product.category's length
+CATEGORY_MAX = PRODUCT_FIELD_MAX["category"]  # a garment item's category is a catalogue category
 REPLICA_NAME_MAX = 128
 
 NAMING_CONVENTION = {
@@ -214,11 +219,11 @@ class Product(Base):
     title: Mapped[str] = mapped_column(sa.Text)
     url: Mapped[str | None] = mapped_column(sa.Text)
     image: Mapped[str] = mapped_column(sa.Text)
-    category: Mapped[str | None] = mapped_column(sa.String(128), index=True)
-    colour: Mapped[str | None] = mapped_column(sa.String(64))
-    gender: Mapped[str | None] = mapped_column(sa.String(64))
+    category: Mapped[str | None] = mapped_column(sa.String(CATEGORY_MAX), index=True)
+    colour: Mapped[str | None] = mapped_column(sa.String(PRODUCT_FIELD_MAX["colour"]))
+    gender: Mapped[str | None] = mapped_column(sa.String(PRODUCT_FIELD_MAX["gender"]))
     price: Mapped[float | None] = mapped_column(sa.Float)
-    currency: Mapped[str | None] = mapped_column(sa.String(8))
+    currency: Mapped[str | None] = mapped_column(sa.String(PRODUCT_FIELD_MAX["currency"]))
     extra: Mapped[dict[str, Any] | None]
     photo_file_id: Mapped[str | None] = mapped_column(sa.String(256))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -2,7 +2,8 @@
 
 An item button carries a search id and an item's place, a "more like this" button a
 recommendation id: both arrive from the network, so each press is looked up here *for the
-presser*, refused (:class:`FeedbackRefused`) when the row is gone or someone else's, and
+presser*, refused (:class:`FeedbackRefused`) when the row is gone or someone else's, or when
+no row can have its id (:func:`pressed_key`: a forged one, too big for its column), and
 the search it starts is logged with its origin. Choosing an item is feedback too: products
 of that item's category shown by the photo search count as liked (:func:`implied_likes`).
 """
@@ -15,14 +16,15 @@ from typing import Any, Protocol
 
 from sqlalchemy import Select, select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import InstrumentedAttribute
 
 from ffengine.db import models as m
 from ffengine.db.errors import FeedbackRefused
 from ffengine.db.records import Origin, PressedItem, PressedRecommendation, StoredItem
-from ffengine.db.store import Store, check_finite, check_id, check_text, check_user_id
+from ffengine.db.store import Store, check_finite, check_id, check_text, check_user_id, column_max
 
 MAX_ITEMS = 16  # far more than a keyboard row shows
-BOX_MAX = 2**31 - 1  # an INTEGER column
+BOX_MAX = column_max(m.SearchItem.box_left)
 
 
 class ItemLike(Protocol):
@@ -62,6 +64,16 @@ def item_row(position: int, item: ItemLike) -> dict[str, Any]:
         "box_right": right,
         "box_bottom": bottom,
     }
+
+
+def pressed_key(value: Any, column: InstrumentedAttribute[int], what: str) -> int:
+    """An id (or an item's place) a button press carried, refused like a row that is gone when no
+    row of ``column`` can have it: checked here, once, because PostgreSQL's driver cannot even
+    send a value its column type cannot hold (it raises instead of finding nothing)."""
+    check_id(value, what)
+    if not 0 <= value <= column_max(column):
+        raise FeedbackRefused(f"no {what} can be {value}", reason="not_found")
+    return value
 
 
 def check_origin(origin: Origin) -> None:
@@ -154,8 +166,8 @@ class PressLog(Store):
         search is someone else's.
         """
         check_user_id(user_id)
-        check_id(search_id, "search_id")
-        check_id(position, "item position")
+        pressed_key(search_id, m.Search.id, "search_id")
+        pressed_key(position, m.SearchItem.position, "item position")
 
         async def read(session: AsyncSession) -> PressedItem:
             search = await owned_search(session, user_id, search_id)
@@ -170,7 +182,7 @@ class PressLog(Store):
     async def pressed_recommendation(self, user_id: int, recommendation_id: int) -> PressedRecommendation:
         """A recommendation shown to the user (for "more like this"); refused like :meth:`pressed_item`."""
         check_user_id(user_id)
-        check_id(recommendation_id, "recommendation_id")
+        pressed_key(recommendation_id, m.Recommendation.id, "recommendation_id")
 
         async def read(session: AsyncSession) -> PressedRecommendation:
             return await owned_recommendation(session, user_id, recommendation_id)

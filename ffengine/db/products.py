@@ -37,16 +37,17 @@ def product_row(product: ProductLike) -> dict[str, Any]:
     pid = check_text(product.id, "product id", m.PRODUCT_ID_MAX)
     where = f"product {pid!r}"
     price = product.price
+    limit = m.PRODUCT_FIELD_MAX
     return {
         "id": pid,
-        "title": check_text(product.title, f"{where}: title", 100_000),
+        "title": check_text(product.title, f"{where}: title", limit["title"]),
         "url": product.url or None,
-        "image": check_text(str(product.image), f"{where}: image", 100_000),
-        "category": check_text(product.category or None, f"{where}: category", 128, optional=True),
-        "colour": check_text(product.colour or None, f"{where}: colour", 64, optional=True),
-        "gender": check_text(product.gender or None, f"{where}: gender", 64, optional=True),
+        "image": check_text(str(product.image), f"{where}: image", limit["image"]),
+        "category": check_text(product.category or None, f"{where}: category", limit["category"], optional=True),
+        "colour": check_text(product.colour or None, f"{where}: colour", limit["colour"], optional=True),
+        "gender": check_text(product.gender or None, f"{where}: gender", limit["gender"], optional=True),
         "price": None if price is None else check_finite(price, f"{where}: price", minimum=0.0),
-        "currency": check_text(product.currency or None, f"{where}: currency", 8, optional=True),
+        "currency": check_text(product.currency or None, f"{where}: currency", limit["currency"], optional=True),
         "extra": to_json(dict(product.extra) if product.extra else None, f"{where}: extra"),
     }
 

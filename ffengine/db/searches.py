@@ -12,9 +12,17 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from ffengine.db import models as m
 from ffengine.db.errors import FeedbackRefused, NotFound
-from ffengine.db.presses import ItemLike, add_origin, check_origin, implied_likes, item_rows, owned_recommendation
+from ffengine.db.presses import (
+    ItemLike,
+    add_origin,
+    check_origin,
+    implied_likes,
+    item_rows,
+    owned_recommendation,
+    pressed_key,
+)
 from ffengine.db.records import FeedbackItem, FeedbackSearch, Origin, RatingResult, SearchRecord
-from ffengine.db.store import Store, check_finite, check_id, check_text, check_user_id
+from ffengine.db.store import Store, check_finite, check_id, check_text, check_user_id, lock_user
 from ffengine.db.users import ensure_user
 
 EMBEDDING_DTYPE = np.dtype("<f4")  # little-endian float32 on every machine
@@ -86,7 +94,7 @@ class SearchLog(Store):
         async def write(session: AsyncSession) -> SearchRecord:
             if model_version_id is not None and await session.get(m.ModelVersion, model_version_id) is None:
                 raise NotFound(f"no model version {model_version_id}")
-            await ensure_user(session, user_id)
+            await ensure_user(session, user_id)  # locks the user's row first (see lock_user)
             search = m.Search(
                 user_id=user_id,
                 file_unique_id=file_unique_id,
@@ -120,8 +128,10 @@ class SearchLog(Store):
             raise FeedbackRefused("a rating is 👍 or 👎", reason="bad_value")
         if isinstance(recommendation_id, bool) or not isinstance(recommendation_id, int):
             raise FeedbackRefused("this button does not belong to a recommendation", reason="not_found")
+        pressed_key(recommendation_id, m.Recommendation.id, "recommendation_id")
 
         async def write(session: AsyncSession) -> RatingResult:
+            await lock_user(session, user_id)  # an erase of the user's rows runs wholly before or after
             search_id = (await owned_recommendation(session, user_id, recommendation_id)).search_id
             feedback = await session.scalar(
                 select(m.Feedback).where(

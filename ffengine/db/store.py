@@ -3,11 +3,17 @@
 Each public method is one transaction: ``_read`` for queries, ``_write`` for changes.
 ``_write`` retries the whole transaction when the database reports lock contention
 (SQLite "database is locked" after the busy timeout, PostgreSQL serialization failure
-or deadlock) and, where a method asks for it, when a unique constraint caught a race
+or deadlock: asyncpg reports those as a plain ``DBAPIError``, not an ``OperationalError``)
+and, where a method asks for it, when a unique constraint caught a race
 (then the retry takes the "row exists" path; other integrity errors are bugs and raise
 at once). So a write is never silently lost: it either commits or raises. A database that
-cannot be reached (server down, connection dropped, SQLite file gone) raises
-:class:`~ffengine.db.errors.StorageUnavailable`, whatever the driver said.
+cannot be reached (server down, connection dropped, SQLite file gone) or has no room to
+write (a full disk) raises :class:`~ffengine.db.errors.StorageUnavailable`, whatever the
+driver said.
+
+Writes that touch one user's rows lock that user's row first (:func:`lock_user`), so that
+two of them (an erase and a rating, say) queue on it instead of deadlocking on the rows
+beneath it.
 """
 
 from __future__ import annotations
@@ -22,11 +28,21 @@ from contextlib import contextmanager
 from dataclasses import fields
 from typing import Any, TypeVar
 
+import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.orm import InstrumentedAttribute
 
-from ffengine.db.engine import WRITE_OPTION, is_disconnect, is_transient, is_unique_violation, is_unreachable
+from ffengine.db import models as m
+from ffengine.db.engine import (
+    WRITE_OPTION,
+    is_disconnect,
+    is_out_of_space,
+    is_transient,
+    is_unique_violation,
+    is_unreachable,
+)
 from ffengine.db.errors import StorageUnavailable
 
 log = logging.getLogger(__name__)
@@ -35,6 +51,8 @@ T = TypeVar("T")
 WRITE_ATTEMPTS = 6
 BACKOFF_S = 0.05
 BIGINT_MAX = 2**63 - 1  # the largest id a column (and the drivers) can hold
+#: The largest value of each integer column type (narrowest first: they subclass ``Integer``).
+INTEGER_MAX = ((sa.SmallInteger, 2**15 - 1), (sa.BigInteger, BIGINT_MAX), (sa.Integer, 2**31 - 1))
 
 
 class Store:
@@ -62,14 +80,14 @@ class Store:
         for attempt in range(1, WRITE_ATTEMPTS + 1):
             try:
                 return await self._transaction(self._writer, fn, idempotent=idempotent)
-            except OperationalError as err:
-                if attempt == WRITE_ATTEMPTS or not is_transient(err):
-                    raise
-                log.warning("database busy (attempt %d of %d), retrying: %s", attempt, WRITE_ATTEMPTS, err.orig)
             except IntegrityError as err:
                 if attempt == WRITE_ATTEMPTS or not retry_on_conflict or not is_unique_violation(err):
                     raise
                 log.info("concurrent insert won a unique constraint (attempt %d), retrying", attempt)
+            except DBAPIError as err:
+                if attempt == WRITE_ATTEMPTS or not is_transient(err):
+                    raise
+                log.warning("database busy (attempt %d of %d), retrying: %s", attempt, WRITE_ATTEMPTS, err.orig)
             await asyncio.sleep(BACKOFF_S * 2 ** (attempt - 1) * (0.5 + random.random()))
         raise AssertionError("unreachable")
 
@@ -94,6 +112,15 @@ class Store:
         raise AssertionError("unreachable")
 
 
+async def lock_user(session: AsyncSession, user_id: int, *, erase: bool = False) -> None:
+    """Lock the user's row before touching the rows beneath it, in every write that does, so that
+    such writes queue on it in one order (PostgreSQL; SQLite writers are serialised anyway).
+    ``erase``: exclusively (its rows are about to go); else shared with the user's other writes,
+    which then see the erase's result (the row gone, or there) once it has committed."""
+    query = sa.select(m.User.id).where(m.User.id == user_id)
+    await session.execute(query.with_for_update() if erase else query.with_for_update(key_share=True))
+
+
 def to_record(cls: type[T], row: Any, **given: Any) -> T:
     """A record (:mod:`ffengine.db.records`) of an ORM row: each field not ``given`` is the row's attribute of that name."""
     return cls(**{f.name: getattr(row, f.name) for f in fields(cls) if f.name not in given}, **given)
@@ -113,10 +140,14 @@ def unreachable_as_unavailable() -> Iterator[None]:
     except StorageUnavailable:
         raise
     except Exception as err:
-        if not is_unreachable(err):
+        if is_unreachable(err):
+            problem = "cannot be reached"
+        elif is_out_of_space(err):
+            problem = "has no room to write (disk full)"
+        else:
             raise
         detail = str(getattr(err, "orig", None) or err).strip() or type(err).__name__
-        raise StorageUnavailable(f"the database cannot be reached: {detail.splitlines()[0][:200]}") from err
+        raise StorageUnavailable(f"the database {problem}: {detail.splitlines()[0][:200]}") from err
 
 
 def short(value: Any, limit: int = 60) -> str:
@@ -130,6 +161,11 @@ def check_id(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{what} must be an int, got {type(value).__name__}")
     return value
+
+
+def column_max(column: InstrumentedAttribute[int]) -> int:
+    """The largest value an integer column holds (PostgreSQL refuses, and asyncpg cannot even send, more)."""
+    return next(top for kind, top in INTEGER_MAX if isinstance(column.type, kind))
 
 
 def check_user_id(user_id: Any) -> int:
@@ -151,12 +187,16 @@ def check_finite(value: Any, what: str, *, minimum: float | None = None) -> floa
 
 
 def check_text(value: Any, what: str, max_len: int, *, optional: bool = False) -> str | None:
+    """``value`` as text a column of ``max_len`` characters holds on every database (PostgreSQL refuses a
+    NUL byte in text, SQLite stores it: refused here for both)."""
     if value is None and optional:
         return None
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"{what} must be a non-empty string, got {short(value)}")
     if len(value) > max_len:
         raise ValueError(f"{what} is longer than {max_len} characters")
+    if "\x00" in value:
+        raise ValueError(f"{what} contains a NUL byte")
     return value
 
 

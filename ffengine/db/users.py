@@ -7,7 +7,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from ffengine.db import models as m
 from ffengine.db.records import UserSummary
-from ffengine.db.store import Store, check_text, check_user_id, dialect_insert
+from ffengine.db.store import Store, check_text, check_user_id, dialect_insert, lock_user
 
 
 async def ensure_user(session: AsyncSession, user_id: int, language: str | None = None) -> None:
@@ -35,10 +35,13 @@ class UserStore(Store):
 
         Returns the number of rows deleted (0 for an unknown user). Explicit deletes, not
         only ON DELETE CASCADE, so the count is exact and nothing depends on the backend.
+        The user's row is locked first, as every write of their rows does, so a rating or a
+        search being logged at the same moment is waited for (or waits), never a deadlock.
         """
         check_user_id(user_id)
 
         async def write(session: AsyncSession) -> int:
+            await lock_user(session, user_id, erase=True)
             their_searches = select(m.Search.id).where(m.Search.user_id == user_id)
             their_recommendations = select(m.Recommendation.id).where(m.Recommendation.search_id.in_(their_searches))
             statements = [

@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from ffengine.db import models as m
 from ffengine.db.coordination import ACTIVE_VERSION_CHANNEL
-from ffengine.db.errors import NotFound, StorageError
+from ffengine.db.errors import NotFound, StorageError, Superseded
 from ffengine.db.records import ModelVersion
 from ffengine.db.store import BIGINT_MAX, Store, check_id, check_text, to_json, to_record
 
@@ -98,12 +98,21 @@ class ModelRegistry(Store):
         except IntegrityError:  # still a clash after the retries: a concurrent creator kept the name
             raise StorageError(f"a model version named {name!r} already exists") from None
 
-    async def activate_model_version(self, version_id_or_name: int | str) -> ModelVersion:
+    async def activate_model_version(self, version_id_or_name: int | str, *, replacing: int | None = None) -> ModelVersion:
         """Make this version the one that answers; every other version is deactivated
-        in the same transaction (raises :class:`NotFound` for an unknown one)."""
+        in the same transaction (raises :class:`NotFound` for an unknown one).
+
+        ``replacing``: the id of the version this one is to replace; if another is active by now,
+        :class:`Superseded` is raised and nothing changes (checked in the same transaction, so a
+        rollback made while the caller loaded this version is never undone)."""
 
         async def write(session: AsyncSession) -> ModelVersion:
             row = await require_version(session, version_id_or_name)
+            if replacing is not None:
+                active = await session.scalar(select(m.ModelVersion).where(m.ModelVersion.is_active.is_(True)).with_for_update())
+                if active is None or active.id != replacing:
+                    now = f"{active.name} is active" if active else "no version is active"
+                    raise Superseded(f"{row.name} was not activated: {now} now, not the version it was to replace")
             await make_active(session, row)
             return version_record(row)
 
