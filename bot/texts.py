@@ -42,7 +42,8 @@ PRIVACY = (
     "• your 👍 / 👎 ratings.\n"
     "They are used to improve the recommendations. Your photos are never stored.\n\n"
     "Right now I keep {searches} search(es) and {ratings} rating(s) of yours.\n"
-    "/forget erases all of it."
+    "/forget erases all of it (for a day after, I only note that you asked, so that a search still running "
+    "elsewhere is not kept either)."
 )
 FORGET_WAIT = "Your last search is still running; send /forget again in a moment."
 FORGOTTEN = "🧹 Done: I erased your {searches} search(es) and {ratings} rating(s). You're a stranger to me now."

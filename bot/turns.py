@@ -12,8 +12,8 @@ updates to one webhook in order and one replica handles nearly all of them. Acro
 on one database the writes themselves are ordered (an erase, a rating and a search being
 logged lock the user's row first, :func:`ffengine.db.store.lock_user`), so nothing deadlocks
 and a rating or a button's search that comes after another replica's erase is refused (its
-rows are gone). A plain photo search logged after another replica's erase is kept, as a new
-search; refusing it too would need the erase to leave a mark in the database (a tombstone).
+rows are gone). A photo search of an update received before another replica's /forget, and
+logged after it, is refused by the note the erase leaves (:class:`ffengine.db.models.Erasure`).
 """
 
 from __future__ import annotations

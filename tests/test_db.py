@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from sqlalchemy.exc import IntegrityError
 
-from ffengine.db import UNVERSIONED, Database, FeedbackRefused, FeedbackSearch
+from ffengine.db import UNVERSIONED, Database, Erased, FeedbackRefused, FeedbackSearch
 from ffengine.db.models import EMBEDDING_BYTES, EMBEDDING_DIM
 
 ALICE, BOB = 111_222_333, 444_555_666
@@ -340,6 +340,20 @@ async def test_forget_user_erases_everything_about_them_and_nothing_else(db: Dat
     assert await db.ratings_for_search(BOB, bob.search_id) == {bob.recommendation_ids[0]: -1}
     assert not (await db.user_summary(ALICE)).known
     assert await db.forget_user(ALICE) == 0
+
+
+async def test_a_search_of_an_update_before_the_forget_is_refused_after_it(db: Database, count) -> None:
+    await search(db, ALICE, 1, update_id=100)
+    assert await db.forget_user(ALICE, update_id=120) == 1 + 1 + 5
+    assert await db.forget_user(ALICE, update_id=110) == 0  # an older /forget delivered late keeps the newer mark
+    with pytest.raises(Erased):
+        await search(db, ALICE, 2, update_id=119)  # received before the /forget, logged after it (another replica)
+    assert count("users") == 0 and count("searches") == 0  # nothing of it, not even the user row
+    await search(db, ALICE, 3, update_id=121)  # sent after the /forget: kept
+    await search(db, BOB, 4, update_id=99)  # someone else: kept
+    assert count("searches") == 2 and count("erasures") == 1
+    assert await db.prune_replicas_and_updates(older_than=timedelta(0)) == 1  # the note goes with the update claims
+    assert count("erasures") == 0
 
 
 async def test_no_column_can_hold_a_photo(db_path: Path, db: Database) -> None:

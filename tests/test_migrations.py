@@ -19,7 +19,7 @@ from ffengine.db.migrate import alembic_config, head_revision, script_location
 from ffengine.db.models import Base
 
 REPO = Path(__file__).resolve().parents[1]
-TABLES = {"users", "searches", "recommendations", "feedback", "products", "model_versions", "training_runs", "search_items", "search_origins", "replicas", "processed_updates"}
+TABLES = {"users", "searches", "recommendations", "feedback", "products", "model_versions", "training_runs", "search_items", "search_origins", "replicas", "processed_updates", "erasures"}
 
 
 def sqlite_url(path: Path) -> str:
@@ -135,7 +135,7 @@ def test_the_items_migration_goes_down_and_up_without_touching_the_search_log(tm
     with sqlite3.connect(path) as conn:
         assert {table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0] for table in log} == before == {t: n for t, n in zip(log, (1, 2, 2, 1), strict=True)}
         assert "file_id" not in {row[1] for row in conn.execute("PRAGMA table_info(searches)")}
-    assert tables(path) == TABLES - {"search_items", "search_origins", "replicas", "processed_updates"}
+    assert tables(path) == TABLES - {"search_items", "search_origins", "replicas", "processed_updates", "erasures"}
     command.upgrade(cfg, "head")
     assert tables(path) == TABLES and schema_diff(path) == []
 
@@ -159,9 +159,32 @@ def test_the_replicas_migration_goes_down_and_up_keeping_the_versions_and_the_lo
         with pytest.raises(sqlite3.IntegrityError):  # one claim per update
             conn.execute("INSERT INTO processed_updates VALUES (42, 'bot-2', '2026-01-01', NULL)")
     command.downgrade(cfg, "0003")
-    assert tables(path) == TABLES - {"replicas", "processed_updates"}
+    assert tables(path) == TABLES - {"replicas", "processed_updates", "erasures"}
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT count(*) FROM model_versions").fetchone()[0] == 1
+        assert conn.execute("SELECT count(*) FROM searches").fetchone()[0] == 1
+    command.upgrade(cfg, "head")
+    assert tables(path) == TABLES and schema_diff(path) == []
+
+
+def test_the_erasures_migration_goes_down_and_up_keeping_the_log(tmp_path: Path) -> None:
+    """0005 only adds a table: down and up again keep every search; one note per user."""
+    path = tmp_path / "ff.db"
+    cfg = alembic_config(sqlite_url(path))
+    command.upgrade(cfg, "head")
+    with sqlite3.connect(path) as conn:
+        conn.executescript(
+            """
+            INSERT INTO users (id, first_seen, last_seen) VALUES (7, '2026-01-01', '2026-01-01');
+            INSERT INTO searches (id, user_id, created_at, latency_ms, outcome) VALUES (1, 7, '2026-01-01', 5, 'ok');
+            INSERT INTO erasures VALUES (8, 42, '2026-01-01');
+            """
+        )
+        with pytest.raises(sqlite3.IntegrityError):
+            conn.execute("INSERT INTO erasures VALUES (8, 43, '2026-01-01')")
+    command.downgrade(cfg, "0004")
+    assert tables(path) == TABLES - {"erasures"}
+    with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT count(*) FROM searches").fetchone()[0] == 1
     command.upgrade(cfg, "head")
     assert tables(path) == TABLES and schema_diff(path) == []

@@ -213,6 +213,35 @@ async def test_a_more_like_this_whose_search_another_replica_erased_is_told_expi
         assert await nothing_kept(bot.settings.database_url)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_photo_search_another_replica_erased_while_it_ran_is_not_kept(
+    backend: str, engine_files: EngineFiles, tmp_path: Path
+) -> None:
+    uids = range(2700, 2700 + USERS)
+    async with shop_on(backend, engine_files, tmp_path) as bot:
+        await searched(bot, uids)  # each has a search to erase
+        other_replica = await Database.open(bot.settings.database_url)
+        try:
+            with model_held(bot):  # the photos wait for the model while another replica takes each /forget
+                photos = {uid: bot.fake.user_sends_photo(uid, make_image(uid + 7, size=(160, 200))) for uid in uids}
+                await bot.fake.wait_for(lambda f: bot.svc.batcher.depth == USERS, 60)
+                for uid, update in photos.items():  # that /forget came in after the photo: a later update id
+                    assert await other_replica.forget_user(uid, update_id=update["update_id"] + 1) > 0
+            albums = lambda u: [c for c in bot.fake.calls_of("sendMediaGroup", chat_id=u) if c.status == 200]  # noqa: E731
+            await bot.fake.wait_for(lambda f: all(len(albums(u)) == 2 for u in uids), 60)
+            await asyncio.sleep(0.5)  # time for a keyboard or an apology, were there to be one
+            # a later photo of the same user (after their /forget) is kept as usual
+            later = await bot.search(uids[0], make_image(9))
+        finally:
+            await other_replica.close()
+        for uid in uids:
+            assert len(bot.keyboards(uid)) == 1 + (uid == uids[0]), uid  # the album came, no buttons for rows not kept
+            assert texts.APOLOGY not in bot.texts_to(uid)
+        assert not alerts(bot)
+        rows = await table_rows(bot.settings.database_url)
+        assert (rows["users"], rows["searches"], rows["recommendations"]) == (1, 1, 5) and later
+
+
 # ---------------------------------------------------------------- an erase racing the shopper's writes, in the database
 
 

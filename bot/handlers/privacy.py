@@ -35,7 +35,7 @@ async def on_forget(update: Update, context: FFContext) -> None:
     if not summary.known:
         await update.effective_message.reply_text(texts.NOTHING_TO_FORGET)
         return
-    await svc.db.forget_user(user_id)
+    await svc.db.forget_user(user_id, update_id=update.update_id)  # a search of an earlier update is refused
     await update.effective_message.reply_text(texts.FORGOTTEN.format(searches=summary.searches, ratings=summary.ratings))
 
 

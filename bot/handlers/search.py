@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -34,7 +35,7 @@ from bot.batcher import QueueFull
 from bot.context import BotServices, FFContext
 from bot.keyboards import ItemButton, RatingItem, offered_items, rating_keyboard, without_links
 from bot.limits import DecodeBusy
-from ffengine.db import Origin, SearchRecord
+from ffengine.db import Erased, Origin, SearchRecord
 from ffengine.errors import ImageRejected
 from ffengine.images import mib
 from ffengine.recommend import Recommendation
@@ -138,9 +139,10 @@ async def search_and_answer(update: Update, context: FFContext, upload: Upload, 
         return
     started = time.perf_counter()
     try:
-        await answer_search(context, user.id, message.chat_id, lambda: _find(svc, context.bot, user.id, upload, started), note)
+        find = functools.partial(_find, svc, context.bot, user.id, upload, started, update.update_id)
+        await answer_search(context, user.id, message.chat_id, find, note)
     except Refused as refused:
-        await log_refusal(svc, user.id, upload.file_unique_id, started, refused.outcome)
+        await log_refusal(svc, user.id, upload.file_unique_id, started, refused.outcome, update_id=update.update_id)
         await message.reply_text(refused.reply)
 
 
@@ -185,7 +187,7 @@ def log_search(
     return asyncio.ensure_future(svc.db.record_search(user_id, file_unique_id, features, version_id, latency, outcome, results, **extra))
 
 
-async def _find(svc: BotServices, bot: Bot, user_id: int, upload: Upload, started: float) -> Found:
+async def _find(svc: BotServices, bot: Bot, user_id: int, upload: Upload, started: float, update_id: int) -> Found:
     """Download, decode, embed and search (through the batcher); the search is logged by the returned task."""
     image = await fetch_image(svc, bot, upload)
     try:
@@ -193,7 +195,7 @@ async def _find(svc: BotServices, bot: Bot, user_id: int, upload: Upload, starte
     except QueueFull:
         raise Refused("busy", texts.BUSY) from None
     recs = result.recommendations
-    logging_done = log_search(svc, user_id, upload.file_unique_id, result.model.version_id, result.features, recs, started, file_id=upload.file_id, items=result.items)
+    logging_done = log_search(svc, user_id, upload.file_unique_id, result.model.version_id, result.features, recs, started, file_id=upload.file_id, items=result.items, update_id=update_id)
     categories, shown = [i.category for i in result.items], recs[0].product.category if recs else None
     return Found(recs, logging_done, lambda record: offered_items(record.search_id, categories, shown))
 
@@ -208,12 +210,24 @@ async def send_results(context: FFContext, chat_id: int, found: Found, note: str
         if recs:
             await send_album(context.bot, context.services.db, chat_id, recs, context.services.background.spawn)
     finally:
-        record = await found.logging_done  # never left behind, even when sending failed
+        record = await logged(found)  # never left behind, even when sending failed
+    if record is None:
+        return
     if not recs:
         await context.bot.send_message(chat_id, texts.NO_RESULTS)
         return
     items = [RatingItem(rank, rec_id, r.product.url) for rank, (rec_id, r) in enumerate(zip(record.recommendation_ids, recs, strict=True), 1)]
     await send_rating_keyboard(context.bot, chat_id, items, found.offer(record))
+
+
+async def logged(found: Found) -> SearchRecord | None:
+    """The logged search, or ``None`` when a /forget (on another replica) erased its user since its
+    photo arrived: then it is not kept, and there are no rows for rating buttons."""
+    try:
+        return await found.logging_done
+    except Erased as exc:
+        log.info("%s", exc)
+        return None
 
 
 async def send_rating_keyboard(bot: Bot, chat_id: int, items: list[RatingItem], offered: Sequence[ItemButton] = ()) -> None:
@@ -233,8 +247,15 @@ async def send_rating_keyboard(bot: Bot, chat_id: int, items: list[RatingItem], 
         await bot.send_message(chat_id, text, reply_markup=rating_keyboard(without_links(items), offered=offered))
 
 
-async def log_refusal(svc: BotServices, user_id: int, file_unique_id: str | None, started: float, outcome: str, origin: Origin | None = None) -> None:
-    await svc.db.record_search(user_id, file_unique_id, None, None, (time.perf_counter() - started) * 1000, outcome, [], origin=origin)
+async def log_refusal(
+    svc: BotServices, user_id: int, file_unique_id: str | None, started: float, outcome: str, origin: Origin | None = None, update_id: int | None = None
+) -> None:
+    """Log a search that was refused (``outcome`` says why); not when its user was erased since it arrived."""
+    latency = (time.perf_counter() - started) * 1000
+    try:
+        await svc.db.record_search(user_id, file_unique_id, None, None, latency, outcome, [], origin=origin, update_id=update_id)
+    except Erased as exc:
+        log.info("%s", exc)
 
 
 async def on_photo(update: Update, context: FFContext) -> None:

@@ -11,6 +11,7 @@ from ffengine.db.errors import (
     NotFound,
     StorageError,
     StorageUnavailable,
+    Erased,
     Superseded,
     TrainingBusy,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "Stats",
     "StorageError",
     "StorageUnavailable",
+    "Erased",
     "Superseded",
     "StoredItem",
     "TrainingBusy",

@@ -26,6 +26,10 @@ class FeedbackRefused(StorageError):
         self.reason = reason
 
 
+class Erased(StorageError):
+    """A search was not logged: its user was erased (/forget) after the search's update arrived."""
+
+
 class Superseded(StorageError):
     """A version was not activated: the one it was to replace is no longer the active one (a rollback
     or another replica's switch came first, and stands)."""

@@ -286,3 +286,16 @@ class ProcessedUpdate(Base):
     replica: Mapped[str] = mapped_column(sa.String(REPLICA_NAME_MAX))
     received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     finished_at: Mapped[datetime | None]
+
+
+class Erasure(Base):
+    """A user erased by /forget, and the update id of that /forget: kept as long as update claims
+    (:class:`ProcessedUpdate`), so that a search of an update received before the erase but logged
+    after it by another replica is refused rather than outliving "erased". It holds nothing of what
+    was erased."""
+
+    __tablename__ = "erasures"
+
+    user_id: Mapped[int] = mapped_column(sa.BigInteger, primary_key=True, autoincrement=False)
+    update_id: Mapped[int] = mapped_column(sa.BigInteger)
+    erased_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

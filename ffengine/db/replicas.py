@@ -106,12 +106,13 @@ class ReplicaStore(Store):
         await self._write(write, idempotent=True)
 
     async def prune_replicas_and_updates(self, older_than: timedelta = KEEP_FOR) -> int:
-        """Delete claims and heartbeats older than ``older_than``; how many rows went."""
+        """Delete claims, heartbeats and erasure notes older than ``older_than``; how many rows went."""
 
         async def write(session: AsyncSession) -> int:
             cutoff = m.utcnow() - older_than
             claims = await session.execute(delete(m.ProcessedUpdate).where(m.ProcessedUpdate.received_at < cutoff))
             replicas = await session.execute(delete(m.Replica).where(m.Replica.last_seen < cutoff))
-            return claims.rowcount + replicas.rowcount
+            erasures = await session.execute(delete(m.Erasure).where(m.Erasure.erased_at < cutoff))  # as old as any claim
+            return claims.rowcount + replicas.rowcount + erasures.rowcount
 
         return await self._write(write, idempotent=True)

@@ -11,7 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ffengine.db import models as m
-from ffengine.db.errors import FeedbackRefused, NotFound
+from ffengine.db.errors import Erased, FeedbackRefused, NotFound
 from ffengine.db.presses import (
     ItemLike,
     add_origin,
@@ -23,7 +23,7 @@ from ffengine.db.presses import (
 )
 from ffengine.db.records import FeedbackItem, FeedbackSearch, Origin, RatingResult, SearchRecord
 from ffengine.db.store import Store, check_finite, check_id, check_text, check_user_id, lock_user
-from ffengine.db.users import ensure_user
+from ffengine.db.users import ensure_user, erased_after
 
 EMBEDDING_DTYPE = np.dtype("<f4")  # little-endian float32 on every machine
 EXPORT_CHUNK = 500
@@ -59,6 +59,7 @@ class SearchLog(Store):
         file_id: str | None = None,
         items: Sequence[ItemLike] = (),
         origin: Origin | None = None,
+        update_id: int | None = None,
     ) -> SearchRecord:
         """Log one search and what it showed (``results`` in rank order, rank 1 first).
 
@@ -67,7 +68,8 @@ class SearchLog(Store):
         ``file_unique_id`` / ``file_id`` and its embedding are kept, never the photo.
         A photo search logs the ``items`` it offered (most probable first); a search started
         from a button logs its ``origin``, refused (:class:`FeedbackRefused`) unless that is
-        still the user's own.
+        still the user's own. A search of the Telegram update ``update_id`` is refused
+        (:class:`Erased`) when a /forget received after that update has erased the user meanwhile.
         """
         check_user_id(user_id)
         check_text(file_unique_id, "file_unique_id", 128, optional=True)
@@ -79,6 +81,8 @@ class SearchLog(Store):
         blob = None if embedding is None else embedding_to_bytes(embedding)
         if model_version_id is not None:
             check_id(model_version_id, "model_version_id")
+        if update_id is not None:
+            check_id(update_id, "update_id")
         latency = check_finite(latency_ms, "latency_ms", minimum=0.0)
         if len(results) > MAX_RESULTS:
             raise ValueError(f"at most {MAX_RESULTS} results per search, got {len(results)}")
@@ -95,6 +99,8 @@ class SearchLog(Store):
             if model_version_id is not None and await session.get(m.ModelVersion, model_version_id) is None:
                 raise NotFound(f"no model version {model_version_id}")
             await ensure_user(session, user_id)  # locks the user's row first (see lock_user)
+            if update_id is not None and await erased_after(session, user_id, update_id):
+                raise Erased(f"user {user_id} was erased after update {update_id} arrived; its search is not kept")
             search = m.Search(
                 user_id=user_id,
                 file_unique_id=file_unique_id,

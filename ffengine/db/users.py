@@ -18,6 +18,22 @@ async def ensure_user(session: AsyncSession, user_id: int, language: str | None 
     await session.execute(insert.on_conflict_do_update(index_elements=[m.User.id], set_=refresh))
 
 
+async def note_erasure(session: AsyncSession, user_id: int, update_id: int) -> None:
+    """Remember that the user was erased at ``update_id`` (the latest such update, if erased again)."""
+    insert = dialect_insert(session)(m.Erasure).values(user_id=user_id, update_id=update_id, erased_at=m.utcnow())
+    later = insert.excluded.update_id
+    newer = case((later > m.Erasure.update_id, later), else_=m.Erasure.update_id)
+    await session.execute(
+        insert.on_conflict_do_update(index_elements=[m.Erasure.user_id], set_={"update_id": newer, "erased_at": m.utcnow()})
+    )
+
+
+async def erased_after(session: AsyncSession, user_id: int, update_id: int) -> bool:
+    """Whether the user was erased by a /forget received after the update ``update_id``."""
+    erased_by = await session.scalar(select(m.Erasure.update_id).where(m.Erasure.user_id == user_id))
+    return erased_by is not None and erased_by > update_id
+
+
 class UserStore(Store):
     async def touch_user(self, user_id: int, language: str | None) -> None:
         """Note that the user talked to the bot now (``language``: Telegram's language_code)."""
@@ -29,9 +45,12 @@ class UserStore(Store):
 
         await self._write(write)
 
-    async def forget_user(self, user_id: int) -> int:
+    async def forget_user(self, user_id: int, *, update_id: int | None = None) -> int:
         """Erase the user's searches (with the items seen in their photos and the buttons they
         pressed), what they were shown, their ratings and the user row.
+
+        ``update_id``: the /forget's Telegram update. It is noted (:class:`~ffengine.db.models.Erasure`)
+        so that a search of an earlier update, logged after this by another replica, is refused.
 
         Returns the number of rows deleted (0 for an unknown user). Explicit deletes, not
         only ON DELETE CASCADE, so the count is exact and nothing depends on the backend.
@@ -60,6 +79,8 @@ class UserStore(Store):
             for statement in statements:
                 result = await session.execute(statement.execution_options(synchronize_session=False))
                 deleted += result.rowcount  # type: ignore[attr-defined]
+            if update_id is not None:
+                await note_erasure(session, user_id, update_id)
             return deleted
 
         return await self._write(write)
