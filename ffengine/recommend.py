@@ -47,6 +47,22 @@ TABLE_FIELDS = (*FILTER_FIELDS, FAMILY_FIELD)
 
 
 @dataclass(frozen=True)
+class PriorRamp:
+    """How much of the priors a photo gets, from how close its best match is (the cosine distance of the
+    searched vectors): none up to ``none_until`` (a copy of a catalogue picture, as a screenshot is: its own
+    product comes first, whatever the priors think of its kind), all from ``full_from`` on (a shopper's own
+    photo, like no picture: the priors decide between what looks alike), in proportion between.
+    ``bench/identity.py`` measures both kinds of photo; the defaults lie between them."""
+
+    none_until: float = 0.17
+    full_from: float = 0.24
+
+    def __call__(self, nearest: np.ndarray) -> np.ndarray:
+        """``(m,)`` cosine distance of each photo's nearest picture -> ``(m,)`` weight of its priors, 0..1."""
+        return np.clip((nearest - self.none_until) / max(self.full_from - self.none_until, 1e-9), 0.0, 1.0)
+
+
+@dataclass(frozen=True)
 class Recommendation:
     """One suggested product: its distance to the query (lower = more similar) and 1-based rank."""
 
@@ -122,7 +138,8 @@ class PhotoAnswer:
 class Recommender:
     """Embedder + index made by the same model; refuses a pair that does not match."""
 
-    def __init__(self, embedder: Embedder, index: Index) -> None:
+    def __init__(self, embedder: Embedder, index: Index, ramp: PriorRamp | None = PriorRamp()) -> None:
+        """``ramp``: the priors' weight by the best match's distance (:class:`PriorRamp`; ``None``: always all of it)."""
         if embedder.fingerprint != index.fingerprint:
             where = str(index.path or "(in memory)")
             raise IndexLoadError(model_mismatch(where, index.fingerprint, index.manifest.get("preprocess"), embedder.fingerprint))
@@ -130,6 +147,7 @@ class Recommender:
             raise IndexLoadError(f"the index holds {index.dim}-d features but the model makes {embedder.dim}-d ones")
         self.embedder = embedder
         self.index = index
+        self.ramp = ramp
         self._group_rows = index.priors.group_rows() if index.priors is not None else []
         self._masks: dict[tuple[tuple[str, frozenset[str]], ...], np.ndarray] = {}
         self._families: dict[str, str] | None = None
@@ -155,6 +173,8 @@ class Recommender:
         if self.index.priors is not None:
             bonus = self.index.priors.bonus(feats)  # (m, G)
             near = self.index.search(feats, min(PRIOR_SHORTLIST, len(self.index)))  # one batched search, the bound's source
+            if self.ramp is not None:  # a copy of a catalogue picture: its own product first (identity before kind)
+                bonus = bonus * self.ramp(0.5 * near[0][:, 0].astype(np.float64) ** 2)[:, None].astype(np.float32)
             return [self.ranked(feats[i], bonus[i], (near[0][i], near[1][i]), k, plan) for i in range(len(feats))]
         dist, idx = self.candidates(feats, plan.fetch, plan)  # one batched search for every query
         out = []
