@@ -103,6 +103,27 @@ def nearest_distance(index: Index, feats: np.ndarray) -> list[float]:
     return (0.5 * dist[:, 0].astype(np.float64) ** 2).round(4).tolist()
 
 
+def distribution(values: list[float | None]) -> dict[str, Any]:
+    """Percentiles of distances, and the shares at or below the ramp's start and at or above its end."""
+    d = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+    ramp = PriorRamp()
+    out: dict[str, Any] = {f"p{q}": round(float(np.nanpercentile(d, q)), 4) for q in (1, 5, 10, 25, 50, 75, 90, 95, 99)}
+    return out | {"share_no_prior": round(float(np.nanmean(d <= ramp.none_until)), 4),
+                  "share_full_prior": round(float(np.nanmean(d >= ramp.full_from)), 4), "n": int(np.sum(~np.isnan(d)))}  # fmt: skip
+
+
+def summarised(found: dict[str, Any]) -> dict[str, Any]:
+    """The rates as they are, the distances as distributions (the copies' nearest picture: own or other)."""
+    own, other = found.pop("own_distance"), found.pop("other_distance")
+    nearest = [o if o is not None and o < x else x for o, x in zip(own, other, strict=True)]
+    shoppers = found.pop("shopper_nearest_distance")
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in found.items()} | {
+        "copy_own_distance": distribution(own),
+        "copy_nearest_distance": distribution(nearest),
+        "shopper_nearest_distance": {split: distribution(d) for split, d in shoppers.items()},
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--catalog", type=Path, default=SHARED / "datasets" / "catalog-10k" / "products.csv")
@@ -146,7 +167,7 @@ def main() -> int:
         found["shopper_nearest_distance"] = {s: nearest_distance(rec.index, f) for s, f in photos.items() if s != "test"}
         test_p5 = category_precision(rec.recommend_features(photos["test"], 5), [label for _, label in shoppers["test"]], category_map)
         found["shopper_test_p5"] = test_p5.mean
-        results["indexes"][name] = found
+        results["indexes"][name] = summarised(found)
         print(f"{name:28s} hit@1 {found['hit1']:.3f}  hit@5 {found['hit5']:.3f}  plain cosine {found['cosine_hit1']:.3f} / "
               f"{found['cosine_hit5']:.3f}  demoted by priors {found['demoted_by_priors']:.3f}  shoppers' P@5 (test) "
               f"{test_p5.mean:.3f}", flush=True)  # fmt: skip
