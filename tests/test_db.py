@@ -356,6 +356,13 @@ async def test_a_search_of_an_update_before_the_forget_is_refused_after_it(db: D
     assert count("erasures") == 0
 
 
+async def test_a_forget_before_any_search_still_refuses_an_earlier_updates_search(db: Database, count) -> None:
+    assert await db.forget_user(BOB, update_id=50) == 0  # nothing kept yet; the note is all
+    with pytest.raises(Erased):
+        await search(db, BOB, 1, update_id=49)
+    assert count("users") == 0 and count("searches") == 0
+
+
 async def test_no_column_can_hold_a_photo(db_path: Path, db: Database) -> None:
     """Only the Telegram file_unique_id and the 5120-byte embedding describe a user's photo."""
     with sqlite3.connect(db_path) as conn:

@@ -32,10 +32,11 @@ async def on_forget(update: Update, context: FFContext) -> None:
         await update.effective_message.reply_text(texts.FORGET_WAIT)
         return
     summary = await svc.db.user_summary(user_id)
+    # erased (and noted) even when nothing is kept yet: a search of an earlier update on another replica is refused
+    await svc.db.forget_user(user_id, update_id=update.update_id)
     if not summary.known:
         await update.effective_message.reply_text(texts.NOTHING_TO_FORGET)
         return
-    await svc.db.forget_user(user_id, update_id=update.update_id)  # a search of an earlier update is refused
     await update.effective_message.reply_text(texts.FORGOTTEN.format(searches=summary.searches, ratings=summary.ratings))
 
 
