@@ -50,23 +50,24 @@ async def test_six_bombs_are_refused_and_a_shopper_meanwhile_is_answered(engine_
 
 
 async def test_photos_wait_for_a_decode_thread_and_a_full_pool_answers_busy(engine_files: EngineFiles, tmp_path: Path) -> None:
-    env = {"BOT_DECODE_THREADS": "1", "BOT_QUEUE_SIZE": "1"}
+    env = {"BOT_DECODE_THREADS": "1", "BOT_QUEUE_SIZE": "1"}  # room for two photos: one decoding, one waiting
     async with FakeBotAPI(token=TOKEN) as fake, start_bot(fake, engine_files, tmp_path, **env) as bot:
         gate = threading.Event()
-        blocker = bot.svc.decoder._executor.submit(gate.wait, 30)  # the only decode thread is busy
+        blocker = bot.svc.decoder._executor.submit(gate.wait, 30)  # the only decode thread is held (outside the count)
         try:
-            fake.user_sends_photo(320, make_image(20))  # waits for the thread: the one place in line
-            await fake.wait_for(lambda f: bot.svc.decoder.pending == 1)
-            fake.user_sends_photo(321, make_image(21))  # the line is full
-            await bot.wait_text(321, texts.BUSY)
+            for uid in (320, 321):  # both admitted, both waiting for the thread
+                fake.user_sends_photo(uid, make_image(uid))
+            await fake.wait_for(lambda f: bot.svc.decoder.pending == 2)
+            fake.user_sends_photo(322, make_image(22))  # no room left
+            await bot.wait_text(322, texts.BUSY)
             # other work of the bot's worker threads goes on: /privacy reads the database meanwhile
-            fake.user_sends_command(322, "privacy")
-            await fake.wait_for(lambda f: bool(bot.texts_to(322)))
+            fake.user_sends_command(323, "privacy")
+            await fake.wait_for(lambda f: bool(bot.texts_to(323)))
         finally:
             gate.set()
             blocker.result(timeout=5)
-        await fake.wait_for(lambda f: len(bot.keyboards(320)) == 1, 60)
-        assert dict(bot.rows("SELECT user_id, outcome FROM searches")) == {320: "ok", 321: "busy"}
+        await fake.wait_for(lambda f: len(bot.keyboards(320)) == 1 and len(bot.keyboards(321)) == 1, 60)
+        assert dict(bot.rows("SELECT user_id, outcome FROM searches")) == {320: "ok", 321: "ok", 322: "busy"}
 
 
 async def test_a_user_sending_photos_too_fast_is_asked_to_slow_down(engine_files: EngineFiles, tmp_path: Path) -> None:
