@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -63,18 +64,23 @@ print(json.dumps({"outcome": outcome, "cpu_s": time.process_time() - cpu, "peak_
 """
 
 
+#: The probes of issue 20: what each is, the name a bomber sends it under, and how it is made.
+PROBES: tuple[tuple[str, str, Callable[[], bytes]], ...] = (
+    ("progressive JPEG, 3,000 repeated scans, 8000x6000", "scans.jpg", hostile_images.progressive_scan_bomb),
+    ("TIFF 64x64 in one 32768x32768 deflate tile", "tile.tif", hostile_images.tiff_tile_bomb),
+    ("PNG, EXIF Orientation 6 + a 9,000,000-entry tag", "exif.png", lambda: hostile_images.exif_bomb("PNG")),
+    ("WebP, EXIF Orientation 6 + a 9,000,000-entry tag", "exif.webp", lambda: hostile_images.exif_bomb("WEBP")),
+    ("BMP RLE8, 12000x4000, one pixel a row", "rle.bmp", hostile_images.bmp_rle_bomb),
+)
+
+
 def hostile_files() -> dict[str, bytes]:
     """The probes, and two ordinary pictures of the largest kinds a phone sends."""
     from tests.test_images import encode
     from tests.test_images_hostile import photo_like
 
     photo = photo_like(4_000, 3_000)
-    return {
-        "progressive JPEG, 3,000 repeated scans, 8000x6000": hostile_images.progressive_scan_bomb(),
-        "TIFF 64x64 in one 32768x32768 deflate tile": hostile_images.tiff_tile_bomb(),
-        "PNG, EXIF Orientation 6 + a 9,000,000-entry tag": hostile_images.exif_bomb("PNG"),
-        "WebP, EXIF Orientation 6 + a 9,000,000-entry tag": hostile_images.exif_bomb("WEBP"),
-        "BMP RLE8, 12000x4000, one pixel a row": hostile_images.bmp_rle_bomb(),
+    return {description: make() for description, _, make in PROBES} | {
         "ordinary: 12 MP progressive JPEG": encode(photo, "JPEG", progressive=True, quality=90),
         "ordinary: 12 MP PNG": encode(photo, "PNG", compress_level=1),
     }
@@ -113,14 +119,7 @@ async def drive(conn: Connection, photo_paths: list[str]) -> None:
     from tests.fake_bot_api import FakeBotAPI
 
     photos = [Path(p).read_bytes() for p in photo_paths]
-    bombs = [
-        ("scans.jpg", hostile_images.progressive_scan_bomb()),
-        ("tile.tif", hostile_images.tiff_tile_bomb()),
-        ("exif.png", hostile_images.exif_bomb("PNG")),
-        ("exif.webp", hostile_images.exif_bomb("WEBP")),
-        ("rle.bmp", hostile_images.bmp_rle_bomb()),
-        ("scans2.jpg", hostile_images.progressive_scan_bomb(6_000, 6_000)),
-    ]
+    bombs = [(name, make()) for _, name, make in PROBES] + [("scans2.jpg", hostile_images.progressive_scan_bomb(6_000, 6_000))]
     refusals = {texts.BUSY: "busy", texts.ONE_AT_A_TIME: "one_at_a_time", texts.APOLOGY: "error"}
     async with FakeBotAPI(token=bot_load.TOKEN) as fake:
         conn.send(fake.root)

@@ -146,11 +146,6 @@ def main() -> int:
         name, folder = spec.split("=", 1)
         index = Index.load(folder)
         indexes[name] = (Embedder.load(index.manifest["weights"]["path"], "cpu"), index)
-    recommenders = {  # the priors always at full weight (as before), and by the best match's distance (now)
-        f"{name}, {ramp_name}": Recommender(emb, index, ramp=ramp)
-        for name, (emb, index) in indexes.items()
-        for ramp_name, ramp in (("priors always", None), ("prior ramp", PriorRamp()))
-    }
     rng = np.random.default_rng(args.seed)
     targets = np.sort(rng.choice(len(catalogue.products), args.products, replace=False))
     copies = [load_image(screenshot(load_image(catalogue.products[t].image), rng)) for t in targets]
@@ -158,19 +153,23 @@ def main() -> int:
                                "ramp": {"none_until": PriorRamp().none_until, "full_from": PriorRamp().full_from}, "indexes": {}}  # fmt: skip
     shoppers = {split: read_queries(args.queries, split) for split in ("train", "validation", "test")}
     category_map = read_category_map(args.queries.parent / "query_categories.csv")
-    for name, rec in recommenders.items():
-        digests = same_picture(list(rec.index.products))
-        queries = rec.embedder.embed(copies)
-        row_targets = np.array([rec.row_by_id[catalogue.products[t].id] for t in targets])
-        found = evaluate(rec, queries, row_targets, digests)
-        photos = {split: embed_paths(rec.embedder, [p for p, _ in rows]) for split, rows in shoppers.items()}
-        found["shopper_nearest_distance"] = {s: nearest_distance(rec.index, f) for s, f in photos.items() if s != "test"}
-        test_p5 = category_precision(rec.recommend_features(photos["test"], 5), [label for _, label in shoppers["test"]], category_map)
-        found["shopper_test_p5"] = test_p5.mean
-        results["indexes"][name] = summarised(found)
-        print(f"{name:28s} hit@1 {found['hit1']:.3f}  hit@5 {found['hit5']:.3f}  plain cosine {found['cosine_hit1']:.3f} / "
-              f"{found['cosine_hit5']:.3f}  demoted by priors {found['demoted_by_priors']:.3f}  shoppers' P@5 (test) "
-              f"{test_p5.mean:.3f}", flush=True)  # fmt: skip
+    labels = [label for _, label in shoppers["test"]]
+    for index_name, (emb, index) in indexes.items():  # the copies, photos and pictures once per index
+        digests = same_picture(list(index.products))
+        queries = emb.embed(copies)
+        photos = {split: embed_paths(emb, [p for p, _ in rows]) for split, rows in shoppers.items()}
+        nearest = {s: nearest_distance(index, f) for s, f in photos.items() if s != "test"}
+        # the priors always at full weight (as before), and by the best match's distance (now)
+        for ramp_name, ramp in (("priors always", None), ("prior ramp", PriorRamp())):
+            name, rec = f"{index_name}, {ramp_name}", Recommender(emb, index, ramp=ramp)
+            row_targets = np.array([rec.row_by_id[catalogue.products[t].id] for t in targets])
+            found = evaluate(rec, queries, row_targets, digests)
+            found["shopper_nearest_distance"] = nearest
+            found["shopper_test_p5"] = category_precision(rec.recommend_features(photos["test"], 5), labels, category_map).mean
+            results["indexes"][name] = summarised(found)
+            print(f"{name:28s} hit@1 {found['hit1']:.3f}  hit@5 {found['hit5']:.3f}  plain cosine {found['cosine_hit1']:.3f} / "
+                  f"{found['cosine_hit5']:.3f}  demoted by priors {found['demoted_by_priors']:.3f}  shoppers' P@5 (test) "
+                  f"{found['shopper_test_p5']:.3f}", flush=True)  # fmt: skip
     results["seconds"] = round(time.perf_counter() - started, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")

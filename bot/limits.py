@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -39,17 +40,14 @@ class DecodePool:
             raise DecodeBusy
         self.pending += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, _decode, data, max_bytes)
+            decode = functools.partial(load_image, data, max_bytes=max_bytes)
+            return await asyncio.get_running_loop().run_in_executor(self._executor, decode)
         finally:
             self.pending -= 1
 
     async def close(self) -> None:
         """Wait for the decodes under way (their searches are still being answered)."""
         await asyncio.to_thread(self._executor.shutdown, wait=True)
-
-
-def _decode(data: bytes, max_bytes: int) -> Image.Image:
-    return load_image(data, max_bytes=max_bytes)
 
 
 class UserRate:

@@ -28,6 +28,7 @@ from PIL import Image
 from ffengine.catalog import Product
 from ffengine.db import Database, ModelVersion, NotFound, StoredItem
 from ffengine.embedder import Embedder
+from ffengine.errors import FFError
 from ffengine.index import Index
 from ffengine.items import Item
 from ffengine.recommend import PhotoAnswer, Recommendation, Recommender
@@ -142,6 +143,14 @@ class ModelLoader:
                 del self._embedders[key]
 
 
+class SwitchFailed(FFError):
+    """Switching to ``version`` failed here: its files do not load, or the database refuses its products."""
+
+    def __init__(self, version: ModelVersion, cause: BaseException) -> None:
+        super().__init__(f"{version.name} ({cause})")
+        self.version = version
+
+
 class ModelSwitch:
     """Holds the current model; ``activate`` loads first, then records and swaps."""
 
@@ -149,7 +158,7 @@ class ModelSwitch:
         self.loader = loader
         self._current = current
         self._lock = asyncio.Lock()
-        self.unloadable: int | None = None  # the active version's id when it would not load here
+        self.unloadable: int | None = None  # the active version's id, when switching to it failed here
 
     @classmethod
     async def open(cls, db: Database, loader: ModelLoader) -> ModelSwitch:
@@ -163,12 +172,12 @@ class ModelSwitch:
     def current(self) -> ActiveModel:
         return self._current
 
-    async def activate(self, db: Database, version_id_or_name: int | str, *, replacing: int | None = None) -> ActiveModel:
+    async def activate(self, db: Database, version_id_or_name: int | str, *, over_parent: bool = False) -> ActiveModel:
         """Switch to a stored version: load it (off the loop), mark it active, then answer with it.
 
-        Raises ``NotFound`` for an unknown version, ``FFError`` when its files do not load, and
-        ``Superseded`` when ``replacing`` (a version id) is no longer the active one once it has loaded;
-        in each case the current model stays.
+        Raises ``NotFound`` for an unknown version, ``FFError`` when its files do not load, and, with
+        ``over_parent``, ``Superseded`` when the version it was made from is no longer the active one once
+        it has loaded (a rollback meanwhile stands); in each case the current model stays.
         """
         async with self._lock:
             version = await db.get_model_version(version_id_or_name)
@@ -176,23 +185,24 @@ class ModelSwitch:
                 raise NotFound(f"no model version {version_id_or_name!r}; /models lists them")
             model = await asyncio.to_thread(self.loader.load, version)
             await refresh_products(db, self._current, model)
-            await db.activate_model_version(version.id, replacing=replacing)
+            await db.activate_model_version(version.id, replacing=version.parent_id if over_parent else None)
             self._swap(model, version)
             return model
 
     async def follow(self, db: Database) -> ActiveModel | None:
         """Switch to the database's active version when another process changed it; ``None`` if there
-        is nothing to do. Raises ``FFError`` (once per version) when it does not load: the current model stays."""
+        is nothing to do. Raises :class:`SwitchFailed` (once per version) when it does not load or the
+        database refuses its products: the current model stays."""
         async with self._lock:
             version = await db.active_model_version()
             if version is None or version.id in (self._current.version_id, self.unloadable):
                 return None
             try:
                 model = await asyncio.to_thread(self.loader.load, version)
-            except Exception:
+                await refresh_products(db, self._current, model)  # every replica: the same rows, written once
+            except Exception as exc:
                 self.unloadable = version.id
-                raise
-            await refresh_products(db, self._current, model)  # every replica: the same rows, written once
+                raise SwitchFailed(version, exc) from exc
             self._swap(model, version)
             return model
 

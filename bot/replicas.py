@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 from bot.config import BotSettings
-from bot.models import ModelSwitch
+from bot.models import ModelSwitch, SwitchFailed
 from ffengine.db import ACTIVE_VERSION_CHANNEL, Database, ReplicaRecord
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,6 @@ class ReplicaSync:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._pruned = float("-inf")
-        self._refused: int | None = None  # the active version's id when switching to it failed here
 
     async def start(self) -> None:
         """First heartbeat now (so /models lists this replica at once), then the loop in the background."""
@@ -93,19 +92,12 @@ class ReplicaSync:
             await self.db.prune_replicas_and_updates()
 
     async def _follow(self) -> None:
-        """Switch to the active version unless this replica serves it already, or failed to switch to it and no
-        other version was made active since."""
-        active = await self.db.active_model_version()
-        if active is not None and active.id != self._refused:
-            self._refused = None
-        if active is None or active.id in (self.models.current.version_id, self._refused):
-            return
         try:
             await self.models.follow(self.db)
-        except Exception as exc:  # any failure to switch keeps the old model
-            self._refused = active.id
+        except Exception as exc:  # any failure to switch keeps the old model (a version that failed is not tried again)
             current = self.models.current.name
-            what = f"cannot load the active model version {active.name} ({exc})"
+            shown = exc if isinstance(exc, SwitchFailed) else f"({exc})"  # the version's name, and why; or the database
+            what = f"cannot load the active model version {shown}"
             log.error("replica %s %s; still answering with %s", self.name, what, current, exc_info=True)
             await self.alert(f"Replica {self.name} {what}; it keeps answering with {current}.", FOLLOWING)
 

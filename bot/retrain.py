@@ -167,9 +167,8 @@ class Retrainer:
             return f"ℹ️ No new model version.{details}"
         if not report.promoted:
             return f"ℹ️ Trained {report.version} but kept {self.models.current.name}.{details}"
-        trained = await self.db.get_model_version(report.version)
         try:  # only over the version it was trained from: a rollback made meanwhile stands
-            model = await self.models.activate(self.db, report.version, replacing=trained.parent_id if trained else None)
+            model = await self.models.activate(self.db, report.version, over_parent=True)
         except Superseded as exc:
             return f"ℹ️ Trained {report.version} but kept {self.models.current.name}: {exc}.{details}"
         return f"✅ Now answering with {model.name} ({len(model.index)} products).{details}"

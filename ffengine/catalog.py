@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 from types import MappingProxyType
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from ffengine.config import IMAGE_ROOTS, env_image_roots
 from ffengine.errors import CatalogError
@@ -191,13 +191,18 @@ class UnsafeImagePath(PermissionError):
     """A local product photo whose path now leads elsewhere than when its catalogue was read."""
 
 
+def _split(value: str) -> SplitResult | None:
+    """``urlsplit(value)``, or ``None`` for text it cannot parse (an unclosed "[" of an IPv6 host)."""
+    try:
+        return urlsplit(value)
+    except ValueError:
+        return None
+
+
 def is_http_url(value: str) -> bool:
     """``http://host/...`` or ``https://host/...`` (the only remote images we fetch); not one that cannot be parsed."""
-    try:
-        parts = urlsplit(value)
-    except ValueError:  # an unclosed "[" of an IPv6 host
-        return False
-    return parts.scheme in ("http", "https") and bool(parts.netloc)
+    parts = _split(value)
+    return parts is not None and parts.scheme in ("http", "https") and bool(parts.netloc)
 
 
 def is_public_address(address: IPv4Address | IPv6Address) -> bool:
@@ -224,9 +229,7 @@ def link_problem(url: str | None) -> str | None:
         return f"url is longer than {MAX_URL_LENGTH} characters"
     if _SPACE_OR_CONTROL.search(url):
         return "url contains spaces or control characters"
-    try:
-        parts = urlsplit(url)
-    except ValueError:  # an unclosed "[" of an IPv6 host
+    if (parts := _split(url)) is None:
         return f"url cannot be parsed: {url[:80]!r}"
     if parts.scheme not in ("http", "https"):
         return f"url must be an http(s) link, got {url[:80]!r}"
@@ -527,7 +530,8 @@ def _resolve_image(value: str, roots: Sequence[Path]) -> str:
     (``roots[0]``) with links followed, and refused unless it lies under one of ``roots``."""
     if is_http_url(value):
         return value
-    if "://" in value or len(_scheme(value)) > 1:  # a one-letter "scheme" is a Windows drive
+    parts = _split(value)  # "//[host" is no path either, but has no scheme
+    if "://" in value or (parts is not None and len(parts.scheme) > 1):  # a one-letter "scheme" is a Windows drive
         raise RowError(f"image must be an http(s) URL or a local path, got {value[:80]!r}")
     try:
         path = (roots[0] / value).resolve()
@@ -536,13 +540,6 @@ def _resolve_image(value: str, roots: Sequence[Path]) -> str:
     if not any(path.is_relative_to(root) for root in roots):
         raise RowError(f"image {value[:80]!r} leads outside the catalogue folder ({str(path)[:120]}); to allow it, add its folder to {IMAGE_ROOTS}")
     return str(path)
-
-
-def _scheme(value: str) -> str:
-    try:
-        return urlsplit(value).scheme
-    except ValueError:  # "//[host": not a path either, but no scheme
-        return ""
 
 
 def _row_id(row: Mapping[str, object]) -> str | None:
