@@ -50,24 +50,27 @@ async def test_six_bombs_are_refused_and_a_shopper_meanwhile_is_answered(engine_
 
 
 async def test_photos_wait_for_a_decode_thread_and_a_full_pool_answers_busy(engine_files: EngineFiles, tmp_path: Path) -> None:
-    env = {"BOT_DECODE_THREADS": "1", "BOT_QUEUE_SIZE": "1"}  # room for two photos: one decoding, one waiting
+    # room for three photos at the decoder (one thread, two waiting); the model's queue (the same setting, one in
+    # the model's hands and two waiting) then takes all three, so "busy" can come from the decoder alone
+    env = {"BOT_DECODE_THREADS": "1", "BOT_QUEUE_SIZE": "2"}
+    admitted, refused = (320, 321, 322), 324
     async with FakeBotAPI(token=TOKEN) as fake, start_bot(fake, engine_files, tmp_path, **env) as bot:
         gate = threading.Event()
         blocker = bot.svc.decoder._executor.submit(gate.wait, 30)  # the only decode thread is held (outside the count)
         try:
-            for uid in (320, 321):  # both admitted, both waiting for the thread
+            for uid in admitted:  # all admitted, all waiting for the thread
                 fake.user_sends_photo(uid, make_image(uid))
-            await fake.wait_for(lambda f: bot.svc.decoder.pending == 2)
-            fake.user_sends_photo(322, make_image(22))  # no room left
-            await bot.wait_text(322, texts.BUSY)
+            await fake.wait_for(lambda f: bot.svc.decoder.pending == len(admitted))
+            fake.user_sends_photo(refused, make_image(24))  # no room left
+            await bot.wait_text(refused, texts.BUSY)
             # other work of the bot's worker threads goes on: /privacy reads the database meanwhile
             fake.user_sends_command(323, "privacy")
             await fake.wait_for(lambda f: bool(bot.texts_to(323)))
         finally:
             gate.set()
             blocker.result(timeout=5)
-        await fake.wait_for(lambda f: len(bot.keyboards(320)) == 1 and len(bot.keyboards(321)) == 1, 60)
-        assert dict(bot.rows("SELECT user_id, outcome FROM searches")) == {320: "ok", 321: "ok", 322: "busy"}
+        await fake.wait_for(lambda f: all(len(bot.keyboards(uid)) == 1 for uid in admitted), 60)
+        assert dict(bot.rows("SELECT user_id, outcome FROM searches")) == {**dict.fromkeys(admitted, "ok"), refused: "busy"}
 
 
 async def test_a_user_sending_photos_too_fast_is_asked_to_slow_down(engine_files: EngineFiles, tmp_path: Path) -> None:
